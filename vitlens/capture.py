@@ -1,0 +1,225 @@
+"""One forward pass -> one ``Trace`` per image: norms per layer, prefix attention, chosen states.
+
+Hooks read the model's own intermediate tensors; nothing in the forward pass is replaced, so the
+model's output is the same with and without capture. Attention is recomputed only for the prefix
+queries (CLS and registers) from the very q and k the model used, which is exact even when timm
+runs fused attention, and costs [prefix x tokens] per head instead of [tokens x tokens].
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from .layout import TokenLayout
+from .models import LoadedModel
+
+CAPTURE_VERSION = 1  # bump when the content of a Trace changes; part of every cache key
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """What one forward pass recorded for one image. Layers are block indices (0-based).
+
+    Precision: norms and attention are float32 (exact to float precision); states are float16
+    (about 3 significant digits, for embeddings such as UMAP).
+
+    Attributes:
+        layout: Token order of this pass.
+        input_size: Model input (height, width) in pixels.
+        norms: L2 norm of every token after each block, before the final norm.  # [layer, token]
+        final_norms: L2 norm of every token after the final norm.  # [token]
+        attention: Softmax attention of each prefix query over all tokens.  # [layer, head, prefix, token]
+        neighbor_similarity: Mean cosine similarity of each patch embedding (before position
+            embedding) to its 4 neighbours.  # [row, col]
+        states: Token vectors of the requested layers.  # {layer: [token, channel]}
+    """
+
+    layout: TokenLayout
+    input_size: tuple[int, int]
+    norms: np.ndarray
+    final_norms: np.ndarray
+    attention: np.ndarray
+    neighbor_similarity: np.ndarray
+    states: Mapping[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.norms.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention.shape[1]
+
+    def patch_norms(self, post_norm: bool = False) -> np.ndarray:
+        """Patch-token norms on the grid: ``[layer, row, col]``, or ``[row, col]`` after the final norm."""
+        return self.layout.patch_grid(self.final_norms if post_norm else self.norms)
+
+
+def capture(
+        loaded: LoadedModel,
+        pixels: torch.Tensor,
+        antialias: bool = True,
+        state_layers: Sequence[int] = (),
+        precision: str = "fp32",
+) -> list[Trace]:
+    """Run one forward pass over a batch and record a ``Trace`` per image.
+
+    Args:
+        loaded: The model.
+        pixels: Normalised images of one size.  # [batch, 3, height, width]
+        antialias: Antialias when resampling position embeddings to a new grid (paper, appendix A).
+        state_layers: Blocks whose output token vectors are kept.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; norms and softmax stay float32).
+    """
+    model = loaded.model
+    patch = loaded.patch_size
+    grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+    layout = TokenLayout.from_model(model, grid)
+    state_layers = sorted({_check_layer(layer, len(model.blocks)) for layer in state_layers})
+    with loaded.lock, input_grid(model, grid, antialias), record(model, layout.num_prefix, state_layers) as recorder:
+        with torch.inference_mode(), _autocast(loaded.device, precision):
+            model.forward_features(pixels.to(loaded.device))
+    return recorder.traces(layout, tuple(pixels.shape[-2:]))
+
+
+def _check_layer(layer: int, num_layers: int) -> int:
+    if not -num_layers <= layer < num_layers:
+        raise IndexError(f"layer {layer} out of range for {num_layers} blocks")
+    return layer % num_layers
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+@contextlib.contextmanager
+def input_grid(model: VisionTransformer, grid: tuple[int, int], antialias: bool = True) -> Iterator[None]:
+    """Temporarily set the model's input grid, resampling position embeddings (bicubic)."""
+    native_grid = tuple(model.patch_embed.grid_size)
+    if grid == native_grid:
+        yield
+        return
+    saved_img_size, saved_pos_embed = model.patch_embed.img_size, model.pos_embed
+    patch = model.patch_embed.patch_size
+    try:
+        model.patch_embed.set_input_size(img_size=(grid[0] * patch[0], grid[1] * patch[1]))
+        if saved_pos_embed is not None:
+            num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+            resampled = resample_abs_pos_embed(saved_pos_embed.detach(), new_size=list(grid), old_size=list(native_grid),
+                                               num_prefix_tokens=num_prefix, antialias=antialias)
+            model.pos_embed = torch.nn.Parameter(resampled, requires_grad=False)
+        yield
+    finally:
+        model.patch_embed.set_input_size(img_size=saved_img_size)
+        model.pos_embed = saved_pos_embed
+
+
+class _Recorder:
+    """Forward hooks that collect per-block tensors on the model's device."""
+
+    def __init__(self, model: VisionTransformer, num_prefix: int, state_layers: Sequence[int]) -> None:
+        self.num_prefix = num_prefix
+        self.state_layers = state_layers
+        self.norms: list[torch.Tensor] = []  # per block: [batch, token]
+        self.attention: list[torch.Tensor] = []  # per block: [batch, head, prefix, token]
+        self.states: dict[int, torch.Tensor] = {}  # [batch, token, channel]
+        self.final_norms: torch.Tensor | None = None  # [batch, token]
+        self.patch_embeddings: torch.Tensor | None = None  # [batch, patch, channel]
+
+    def hooks(self, model: VisionTransformer) -> list[tuple[torch.nn.Module, object]]:
+        pairs = [(model.patch_embed, self._on_patch_embed), (model.norm, self._on_final_norm)]
+        for index, block in enumerate(model.blocks):
+            attn = getattr(block, "attn", None)
+            if attn is None or not isinstance(getattr(attn, "qkv", None), torch.nn.Linear):
+                raise TypeError(f"block {index} ({type(block).__name__}) has no attn.qkv projection to read attention from")
+            pairs.append((attn.qkv, self._attention_hook(attn)))
+            pairs.append((block, self._block_hook(index)))
+        return pairs
+
+    def _on_patch_embed(self, module, args, output: torch.Tensor) -> None:
+        self.patch_embeddings = output.flatten(1, -2) if output.ndim == 4 else output
+
+    def _on_final_norm(self, module, args, output: torch.Tensor) -> None:
+        self.final_norms = torch.linalg.vector_norm(output.float(), dim=-1)
+
+    def _block_hook(self, index: int):
+        def hook(module, args, output: torch.Tensor) -> None:
+            self.norms.append(torch.linalg.vector_norm(output.float(), dim=-1))
+            if index in self.state_layers:
+                self.states[index] = output.half()
+        return hook
+
+    def _attention_hook(self, attn: torch.nn.Module):
+        def hook(module, args, qkv: torch.Tensor) -> None:
+            batch, tokens, _ = qkv.shape
+            qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q = attn.q_norm(qkv[0][:, :, :self.num_prefix])  # [batch, head, prefix, dim]
+            k = attn.k_norm(qkv[1])  # [batch, head, token, dim]
+            logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
+            self.attention.append(logits.softmax(dim=-1))
+        return hook
+
+    def traces(self, layout: TokenLayout, input_size: tuple[int, int]) -> list[Trace]:
+        norms = torch.stack(self.norms, dim=1).cpu().numpy()  # [batch, layer, token]
+        attention = torch.stack(self.attention, dim=1).cpu().numpy()  # [batch, layer, head, prefix, token]
+        final_norms = self.final_norms.cpu().numpy()
+        similarity = neighbor_similarity(self.patch_embeddings, layout.grid).cpu().numpy()
+        states = {layer: tensor.cpu().numpy() for layer, tensor in self.states.items()}
+        return [
+            Trace(layout=layout, input_size=input_size, norms=norms[i], final_norms=final_norms[i],
+                  attention=attention[i], neighbor_similarity=similarity[i],
+                  states={layer: values[i] for layer, values in states.items()})
+            for i in range(norms.shape[0])
+        ]
+
+
+@contextlib.contextmanager
+def record(model: VisionTransformer, num_prefix: int, state_layers: Sequence[int] = ()) -> Iterator[_Recorder]:
+    """Attach recording hooks for the duration of the block; they are removed even on error."""
+    recorder = _Recorder(model, num_prefix, state_layers)
+    handles = []
+    try:
+        for module, hook in recorder.hooks(model):
+            handles.append(module.register_forward_hook(hook))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def neighbor_similarity(patch_embeddings: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Mean cosine similarity of each patch embedding to its up/down/left/right neighbours.
+
+    Args:
+        patch_embeddings: Output of the patch embedding.  # [batch, patch, channel]
+        grid: (rows, cols).
+
+    Returns:
+        Similarity per cell.  # [batch, row, col]
+    """
+    x = F.normalize(patch_embeddings.float(), dim=-1).reshape(patch_embeddings.shape[0], *grid, -1)
+    vertical = (x[:, 1:] * x[:, :-1]).sum(-1)  # [batch, row - 1, col]
+    horizontal = (x[:, :, 1:] * x[:, :, :-1]).sum(-1)  # [batch, row, col - 1]
+    total = torch.zeros(x.shape[:3], device=x.device)
+    count = torch.zeros(x.shape[:3], device=x.device)
+    total[:, 1:] += vertical  # neighbour above
+    total[:, :-1] += vertical  # neighbour below
+    total[:, :, 1:] += horizontal  # neighbour left
+    total[:, :, :-1] += horizontal  # neighbour right
+    count[:, 1:] += 1
+    count[:, :-1] += 1
+    count[:, :, 1:] += 1
+    count[:, :, :-1] += 1
+    return total / count.clamp(min=1)

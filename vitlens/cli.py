@@ -1,0 +1,141 @@
+"""Command line: ``python -m vitlens inspect|models|fetch``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .analysis.outliers import LayerOutliers, layer_outliers, parse_threshold
+from .engine import Engine, TraceResult
+from .errors import OptionError, VitlensError
+from .images import read_image_file
+from .models import PRESETS, load_model
+from .settings import Settings
+from .store import CaptureOptions, TraceStore
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args, Settings.from_env())
+    except VitlensError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vitlens", description="Look at high-norm artifact tokens in ViTs.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="per-layer token norms, outliers and prefix attention of one image")
+    inspect.add_argument("image", type=Path)
+    inspect.add_argument("--model", required=True, help="a preset (see `models`) or any timm ViT name")
+    inspect.add_argument("--weights", default="hub", help="hub (default), random, or a .safetensors/.pth/.pt file")
+    inspect.add_argument("--size", type=int, default=None, help="longer input side in pixels (default: the model's own)")
+    inspect.add_argument("--threshold", default="auto", help="outlier norm threshold: auto (default) or a number")
+    inspect.add_argument("--no-antialias", action="store_true", help="resample position embeddings without antialiasing")
+    inspect.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    inspect.add_argument("--save", type=Path, help="write the arrays to this .npz file")
+    inspect.add_argument("--json", action="store_true", help="print a JSON summary")
+    inspect.set_defaults(run=_inspect)
+
+    models = commands.add_parser("models", help="list the model presets")
+    models.set_defaults(run=_models)
+
+    fetch = commands.add_parser("fetch", help="download a model's hub weights into the Hugging Face cache")
+    fetch.add_argument("model")
+    fetch.set_defaults(run=_fetch)
+    return parser
+
+
+def _inspect(args: argparse.Namespace, settings: Settings) -> int:
+    threshold = parse_threshold(args.threshold)
+    if args.size is not None and not 0 < args.size <= settings.max_side:
+        raise OptionError(f"Size must be between 1 and {settings.max_side} pixels, not {args.size}.")
+    image = read_image_file(args.image, max_pixels=settings.max_pixels)
+    engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
+    options = CaptureOptions(side=args.size, antialias=not args.no_antialias, precision=args.precision)
+    result = engine.traces([image], args.model, args.weights, options)[0]
+    outliers = layer_outliers(result.trace, threshold)
+    if args.save:
+        save_npz(args.save, result, outliers)
+    summary = inspect_summary(args, result, outliers)
+    print(json.dumps(summary, indent=2) if args.json else _format_table(summary))
+    return 0
+
+
+def inspect_summary(args: argparse.Namespace, result: TraceResult, outliers: LayerOutliers) -> dict:
+    """The ``--json`` document (layers are 0-based block indices; norms before the final norm)."""
+    trace = result.trace
+    layers = []
+    for index in range(trace.num_layers):
+        layer = outliers.layer(index)
+        layers.append({
+            "layer": index,
+            "norm_median": float(outliers.norm_median[index]),
+            "norm_max": float(outliers.norm_max[index]),
+            "threshold": layer.threshold,
+            "num_outliers": layer.count,
+            "outliers": [list(cell) for cell in layer.cells],
+        })
+    return {
+        "model": args.model,
+        "weights": str(args.weights),
+        "image": str(args.image),
+        "size": args.size or max(trace.input_size),
+        "input_size": list(trace.input_size),
+        "grid": list(trace.layout.grid),
+        "num_prefix_tokens": trace.layout.num_prefix,
+        "num_registers": trace.layout.num_registers,
+        "cached": result.cached,
+        "first_outlier_layer": outliers.first_layer,
+        "layers": layers,
+    }
+
+
+def save_npz(path: Path, result: TraceResult, outliers: LayerOutliers) -> None:
+    """Write the arrays of the CLI contract (see DESIGN.md)."""
+    trace = result.trace
+    try:
+        np.savez_compressed(
+            path,
+            norms=trace.norms.astype(np.float32),
+            final_norms=trace.final_norms.astype(np.float32),
+            attention=trace.attention.astype(np.float32),
+            outliers=outliers.masks,
+            thresholds=outliers.thresholds.astype(np.float32),
+            grid=np.array(trace.layout.grid),
+            num_prefix_tokens=np.array(trace.layout.num_prefix),
+            num_registers=np.array(trace.layout.num_registers),
+        )
+    except OSError as error:
+        raise OptionError(f"Cannot write '{path}': {error.strerror or error}.") from error
+
+
+def _format_table(summary: dict) -> str:
+    head = (f"{summary['model']} ({summary['weights']}) on {summary['image']}: input {summary['input_size']}, "
+            f"grid {summary['grid']}, {summary['num_registers']} registers{' (cached)' if summary['cached'] else ''}")
+    rows = [f"{'layer':>5} {'median':>9} {'max':>9} {'threshold':>9} {'outliers':>8}"]
+    for layer in summary["layers"]:
+        threshold = "-" if layer["threshold"] is None else f"{layer['threshold']:.1f}"
+        rows.append(f"{layer['layer']:>5} {layer['norm_median']:>9.1f} {layer['norm_max']:>9.1f} {threshold:>9} {layer['num_outliers']:>8}")
+    return "\n".join([head, *rows])
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    for spec in PRESETS.values():
+        pair = f"  (pair: {spec.pair})" if spec.pair else ""
+        print(f"{spec.name:<20} {spec.label:<32} {spec.arch}{pair}")
+    return 0
+
+
+def _fetch(args: argparse.Namespace, settings: Settings) -> int:
+    loaded = load_model(args.model, "hub")
+    print(f"{args.model}: weights in the Hugging Face cache ({loaded.fingerprint})")
+    return 0

@@ -1,0 +1,124 @@
+"""Cached captures: look each trace up in the store, run forward passes in batches for the rest.
+
+An ``Engine`` owns the models it loads (a small LRU) and the device they sit on. The worker and
+the one-shot CLI each hold one; nothing else loads models.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .capture import Trace, capture
+from .images import DecodedImage, resize_for_model, to_tensor
+from .models import LoadedModel, load_model, native_side, resolve_spec, weights_fingerprint
+from .store import CaptureOptions, TraceStore, trace_key
+
+Progress = Callable[[int, int], None]  # (images done, images in total)
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """A trace and whether it came from the cache."""
+
+    trace: Trace
+    cached: bool
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when there is a GPU, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+class Engine:
+    """Loads models, runs captures on one device and keeps the results in a ``TraceStore``."""
+
+    def __init__(self, store: TraceStore | None = None, device: str = "auto", max_models: int = 2, max_batch: int = 8) -> None:
+        self.store = store
+        self.device = resolve_device(device)
+        self.max_models = max_models
+        self.max_batch = max_batch
+        self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._models_lock = threading.Lock()
+
+    def model(self, name: str, weights: str = "hub") -> LoadedModel:
+        """The loaded model, from the LRU when it is there (evicting the oldest beyond ``max_models``)."""
+        key = (name, str(weights))
+        with self._models_lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            loaded = load_model(name, weights, device=self.device)
+            self._models[key] = loaded
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return loaded
+
+    def model_key(self, name: str, weights: str) -> str:
+        """Architecture plus weights fingerprint, loading the model only when there is no other way."""
+        spec = resolve_spec(name)
+        fingerprint = weights_fingerprint(spec, weights) or self.model(name, weights).fingerprint
+        return f"{spec.arch}|{fingerprint}"
+
+    def traces(
+            self,
+            images: Sequence[DecodedImage],
+            name: str,
+            weights: str = "hub",
+            options: CaptureOptions = CaptureOptions(),
+            progress: Progress | None = None,
+    ) -> list[TraceResult]:
+        """One trace per image, from the store where possible; the rest in batched forward passes."""
+        side = options.side or native_side(resolve_spec(name))
+        keys = [trace_key(self.model_key(name, weights), image.digest, side, options) for image in images]
+        results: list[TraceResult | None] = [self._lookup(key) for key in keys]
+        missing = [i for i, result in enumerate(results) if result is None]
+        done = len(images) - len(missing)
+        if progress:
+            progress(done, len(images))
+        if missing:
+            loaded = self.model(name, weights)
+            for batch, traces in self._capture_batches(loaded, [images[i] for i in missing], side, options):
+                for index, trace in zip([missing[j] for j in batch], traces):
+                    results[index] = TraceResult(trace, cached=False)
+                    if self.store is not None:
+                        self.store.put(keys[index], trace)
+                done += len(batch)
+                if progress:
+                    progress(done, len(images))
+        return results
+
+    def _lookup(self, key: str) -> TraceResult | None:
+        trace = self.store.get(key) if self.store is not None else None
+        return TraceResult(trace, cached=True) if trace is not None else None
+
+    def _capture_batches(self, loaded: LoadedModel, images: Sequence[DecodedImage], side: int, options: CaptureOptions):
+        """Yield (indices into ``images``, traces) per batch of same-size inputs."""
+        tensors = [to_tensor(resize_for_model(image.image, side, loaded.patch_size), loaded.mean, loaded.std) for image in images]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            by_shape.setdefault(tuple(tensor.shape), []).append(index)
+        for indices in by_shape.values():
+            yield from self._capture_adaptive(loaded, tensors, indices, options)
+
+    def _capture_adaptive(self, loaded: LoadedModel, tensors: list[torch.Tensor], indices: list[int], options: CaptureOptions):
+        """Capture in batches of ``max_batch``, halving the batch after a CUDA out-of-memory error."""
+        batch_size, start = self.max_batch, 0
+        while start < len(indices):
+            batch = indices[start:start + batch_size]
+            try:
+                traces = capture(loaded, torch.stack([tensors[i] for i in batch]), antialias=options.antialias,
+                                 state_layers=options.state_layers, precision=options.precision)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                batch_size //= 2
+                continue
+            start += len(batch)
+            yield batch, traces

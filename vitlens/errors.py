@@ -1,0 +1,25 @@
+"""Typed errors for problems a user can cause; each message is one plain sentence."""
+
+
+class VitlensError(Exception):
+    """Base class: bad input from the user, never a bug in vitlens."""
+
+
+class ImageError(VitlensError):
+    """The upload is not a usable image (corrupt, truncated, too large, unsupported)."""
+
+
+class UnknownModelError(VitlensError):
+    """The model name is neither a preset nor a timm Vision Transformer."""
+
+
+class WeightsError(VitlensError):
+    """A weights file is missing, unreadable, or does not fit the architecture."""
+
+
+class HubUnavailableError(VitlensError):
+    """Pretrained weights could not be fetched from the Hugging Face hub."""
+
+
+class OptionError(VitlensError):
+    """An option value is out of range (size, threshold, layer, ...)."""

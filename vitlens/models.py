@@ -1,0 +1,338 @@
+"""Model presets and loading: Hugging Face hub, a local weights file, or random weights."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import timm
+import torch
+from timm.models import get_pretrained_cfg
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .errors import HubUnavailableError, UnknownModelError, WeightsError
+
+RANDOM_SEED = 0
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+_HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+_CHECKPOINT_WRAPPERS = ("model", "state_dict", "teacher", "model_ema", "module")
+_KEY_PREFIXES = ("module.", "backbone.", "model.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: a timm architecture (with pretrained tag) and its register counterpart.
+
+    Attributes:
+        name: Short name used in the CLI, the app and cache keys.
+        arch: timm model name, with the pretrained tag (``arch.tag``) where there is one.
+        label: Human readable name.
+        pair: Name of the same model with (or without) registers, if one exists.
+    """
+
+    name: str
+    arch: str
+    label: str
+    pair: str | None = None
+
+
+def _dinov2_presets() -> list[ModelSpec]:
+    sizes = {"s": ("small", "ViT-S/14"), "b": ("base", "ViT-B/14"), "l": ("large", "ViT-L/14"), "g": ("giant", "ViT-g/14")}
+    specs = []
+    for short, (timm_size, label) in sizes.items():
+        plain, reg = f"dinov2_vit{short}14", f"dinov2_vit{short}14_reg4"
+        specs.append(ModelSpec(plain, f"vit_{timm_size}_patch14_dinov2.lvd142m", f"DINOv2 {label}", reg))
+        specs.append(ModelSpec(reg, f"vit_{timm_size}_patch14_reg4_dinov2.lvd142m", f"DINOv2 {label} + 4 registers", plain))
+    return specs
+
+
+PRESETS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in _dinov2_presets() + [
+        ModelSpec("deit3_vitb16", "deit3_base_patch16_224.fb_in22k_ft_in1k", "DeiT-III ViT-B/16"),
+        ModelSpec("deit3_vitl16", "deit3_large_patch16_224.fb_in22k_ft_in1k", "DeiT-III ViT-L/16"),
+        ModelSpec("openclip_vitb16", "vit_base_patch16_clip_224.laion2b", "OpenCLIP ViT-B/16 (LAION-2B)"),
+        ModelSpec("clip_vitb16", "vit_base_patch16_clip_224.openai", "CLIP ViT-B/16 (OpenAI)"),
+    ]
+}
+
+
+def resolve_spec(name: str) -> ModelSpec:
+    """Return the preset called ``name``, or a spec for any timm Vision Transformer name.
+
+    Raises:
+        UnknownModelError: ``name`` is neither a preset nor a timm ViT architecture.
+    """
+    if name in PRESETS:
+        return PRESETS[name]
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise UnknownModelError(f"Unknown model '{name}': use a preset (python -m vitlens models) or a timm ViT name.")
+    return ModelSpec(name=name, arch=name, label=name)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with what is needed to feed it and to name its results.
+
+    Attributes:
+        spec: What was asked for.
+        model: The timm VisionTransformer, in eval mode.
+        weights: How the weights were chosen: ``hub``, ``random`` or the file name.
+        fingerprint: Identifies the exact weights (content hash, hub revision or random seed).
+        lock: Held while a forward pass runs; capture briefly changes the model's input size.
+    """
+
+    spec: ModelSpec
+    model: VisionTransformer
+    weights: str
+    fingerprint: str
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.patch_embed.patch_size[0]
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """The (height, width) the position embeddings were trained for."""
+        return tuple(self.model.patch_embed.img_size)
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.model.pretrained_cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.model.pretrained_cfg.get("std", timm.data.IMAGENET_DEFAULT_STD))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def key(self) -> str:
+        """Cache key part: architecture plus weights fingerprint."""
+        return f"{self.spec.arch}|{self.fingerprint}"
+
+
+def load_model(
+        name: str,
+        weights: str | os.PathLike = "hub",
+        device: str | torch.device = "cpu",
+        model_args: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Build a model and load its weights.
+
+    Args:
+        name: A preset name or any timm Vision Transformer name.
+        weights: ``hub`` (pretrained, Hugging Face cache first), ``random`` (seeded), or a
+            path to a .safetensors/.pth/.pt file in timm or original DINOv2 key layout.
+        device: Where the model runs.
+        model_args: Extra timm constructor arguments (tests use them for tiny models).
+
+    Raises:
+        UnknownModelError, WeightsError, HubUnavailableError.
+    """
+    spec = resolve_spec(name)
+    model_args = dict(model_args or {})
+    if str(weights) == "hub":
+        model, fingerprint = _from_hub(spec, model_args)
+        label = "hub"
+    elif str(weights) == "random":
+        model, fingerprint = _random(spec, model_args)
+        label = "random"
+    else:
+        path = Path(weights)
+        model, fingerprint = _from_file(spec, path, model_args)
+        label = path.name
+    model.eval().requires_grad_(False).to(device)
+    return LoadedModel(spec=spec, model=model, weights=label, fingerprint=fingerprint)
+
+
+def native_side(spec: ModelSpec, model_args: Mapping[str, Any] | None = None) -> int:
+    """The longer input side the model was trained at (its default capture size)."""
+    img_size = (model_args or {}).get("img_size")
+    if img_size is not None:
+        return max(img_size) if isinstance(img_size, (tuple, list)) else int(img_size)
+    cfg = get_pretrained_cfg(spec.arch)
+    return max(cfg.input_size[-2:]) if cfg is not None else 224
+
+
+def weights_fingerprint(spec: ModelSpec, weights: str | os.PathLike, model_args: Mapping[str, Any] | None = None) -> str | None:
+    """What ``load_model`` would report as the fingerprint, without building the model.
+
+    None when it cannot be known before loading (hub weights not downloaded yet).
+    """
+    model_args = dict(model_args or {})
+    if str(weights) == "random":
+        return _random_fingerprint(model_args)
+    if str(weights) == "hub":
+        repo = _hub_repo(spec)
+        cached = _cached_hub_file(repo)
+        return _hub_fingerprint(repo, cached) if cached else None
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"Weights file '{path}' does not exist.")
+    return _file_fingerprint(path, model_args)
+
+
+def _random_fingerprint(model_args: dict) -> str:
+    return f"random:seed{RANDOM_SEED}:{sorted(model_args.items())}"
+
+
+def _hub_fingerprint(repo: str, cached: Path) -> str:
+    return f"hub:{repo}@{cached.parent.name}"  # .../snapshots/<revision>/<file>
+
+
+def _file_fingerprint(path: Path, model_args: dict) -> str:
+    return f"file:{file_digest(path)}:{sorted(model_args.items())}"
+
+
+def _create(spec: ModelSpec, model_args: dict, **kwargs: Any) -> VisionTransformer:
+    try:
+        model = timm.create_model(spec.arch, **model_args, **kwargs)
+    except (RuntimeError, ValueError, TypeError) as error:
+        if isinstance(error, RuntimeError) and "pretrained" in str(error).lower():
+            raise HubUnavailableError(f"timm has no pretrained weights for '{spec.arch}'; use a weights file or random weights.") from error
+        raise UnknownModelError(f"Could not build '{spec.arch}': {error}") from error
+    if not isinstance(model, VisionTransformer):
+        raise UnknownModelError(f"'{spec.name}' is a timm {type(model).__name__}, not a Vision Transformer.")
+    return model
+
+
+def _random(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        model = _create(spec, model_args, pretrained=False)
+    return model, _random_fingerprint(model_args)
+
+
+def _hub_repo(spec: ModelSpec) -> str:
+    """The Hugging Face repo id timm downloads ``spec`` from."""
+    cfg = get_pretrained_cfg(spec.arch)
+    repo = cfg.hf_hub_id if cfg is not None else None
+    if not repo:
+        raise HubUnavailableError(f"timm knows no hub weights for '{spec.arch}'; use a weights file or random weights.")
+    return repo
+
+
+def _cached_hub_file(repo: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in _HUB_FILES:
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str]:
+    """Load pretrained weights, from the local Hugging Face cache when they are there."""
+    repo = _hub_repo(spec)
+    cached = _cached_hub_file(repo)
+    if cached is None:
+        if not _hub_reachable():
+            raise HubUnavailableError(
+                f"Cannot reach the Hugging Face hub to fetch '{repo}'; pre-fetch it on a connected machine with "
+                f"`python -m vitlens fetch {spec.name}` (or `hf download {repo}`) and copy HF_HOME here, "
+                "or use a local weights file or random weights.")
+        try:
+            _create(spec, model_args, pretrained=True)
+        except OSError as error:
+            raise HubUnavailableError(f"Downloading '{repo}' from the Hugging Face hub failed: {error}") from error
+        cached = _cached_hub_file(repo)
+        if cached is None:
+            raise HubUnavailableError(f"The download of '{repo}' left no weights file in the Hugging Face cache.")
+    model = _create(spec, model_args, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
+    return model, _hub_fingerprint(repo, cached)
+
+
+def _from_file(spec: ModelSpec, path: Path, model_args: dict) -> tuple[VisionTransformer, str]:
+    state_dict = read_state_dict(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        model = _create(spec, model_args, pretrained=False)
+    _load_state_dict(model, state_dict, path)
+    return model, _file_fingerprint(path, model_args)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors (safe loaders only) and strip common wrappers and prefixes.
+
+    Raises:
+        WeightsError: missing file, unknown suffix, unreadable content, or no tensors inside.
+    """
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise WeightsError(f"Weights file '{path.name}' must end in {', '.join(WEIGHT_SUFFIXES)}.")
+    if not path.is_file():
+        raise WeightsError(f"Weights file '{path}' does not exist.")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            checkpoint = load_file(str(path), device="cpu")
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # every loader has its own error types for bad bytes
+        raise WeightsError(f"Weights file '{path.name}' could not be read ({type(error).__name__}).") from error
+    return _unwrap(checkpoint, path)
+
+
+def _unwrap(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    while isinstance(checkpoint, dict):
+        wrapper = next((key for key in _CHECKPOINT_WRAPPERS if isinstance(checkpoint.get(key), dict)), None)
+        if wrapper is None:
+            break
+        checkpoint = checkpoint[wrapper]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise WeightsError(f"Weights file '{path.name}' holds no state dict.")
+    tensors = {_strip_prefixes(key): value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"Weights file '{path.name}' holds no tensors.")
+    return tensors
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in _KEY_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _load_state_dict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Load timm- or DINOv2-layout tensors; a missing classifier head is fine, anything else is not."""
+    try:
+        converted = checkpoint_filter_fn(state_dict, model)
+        result = model.load_state_dict(converted, strict=False)
+    except (RuntimeError, ValueError, KeyError, IndexError) as error:
+        raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}': "
+                           f"{str(error).splitlines()[0][:200]}") from error
+    missing = [key for key in result.missing_keys if not key.startswith("head.")]
+    unexpected = [key for key in result.unexpected_keys if not key.startswith("head.")]
+    if missing or unexpected:
+        detail = f"{len(missing)} missing (e.g. {missing[:2]})" if missing else f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}': {detail} keys.")
