@@ -14,7 +14,7 @@ import torch
 
 from .capture import Trace, capture
 from .images import DecodedImage, resize_for_model, to_tensor
-from .models import LoadedModel, load_model, native_side, resolve_spec, weights_fingerprint
+from .models import LoadedModel, load_model, resolve_spec, weights_fingerprint
 from .store import CaptureOptions, TraceStore, trace_key
 
 Progress = Callable[[int, int], None]  # (images done, images in total)
@@ -74,8 +74,7 @@ class Engine:
             progress: Progress | None = None,
     ) -> list[TraceResult]:
         """One trace per image, from the store where possible; the rest in batched forward passes."""
-        side = options.side or native_side(resolve_spec(name))
-        keys = [trace_key(self.model_key(name, weights), image.digest, side, options) for image in images]
+        keys = [trace_key(self.model_key(name, weights), image.digest, options) for image in images]
         results: list[TraceResult | None] = [self._lookup(key) for key in keys]
         missing = [i for i, result in enumerate(results) if result is None]
         done = len(images) - len(missing)
@@ -83,7 +82,7 @@ class Engine:
             progress(done, len(images))
         if missing:
             loaded = self.model(name, weights)
-            for batch, traces in self._capture_batches(loaded, [images[i] for i in missing], side, options):
+            for batch, traces in self._capture_batches(loaded, [images[i] for i in missing], options):
                 for index, trace in zip([missing[j] for j in batch], traces):
                     results[index] = TraceResult(trace, cached=False)
                     if self.store is not None:
@@ -97,8 +96,9 @@ class Engine:
         trace = self.store.get(key) if self.store is not None else None
         return TraceResult(trace, cached=True) if trace is not None else None
 
-    def _capture_batches(self, loaded: LoadedModel, images: Sequence[DecodedImage], side: int, options: CaptureOptions):
+    def _capture_batches(self, loaded: LoadedModel, images: Sequence[DecodedImage], options: CaptureOptions):
         """Yield (indices into ``images``, traces) per batch of same-size inputs."""
+        side = options.side or max(loaded.native_size)
         tensors = [to_tensor(resize_for_model(image.image, side, loaded.patch_size), loaded.mean, loaded.std) for image in images]
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, tensor in enumerate(tensors):

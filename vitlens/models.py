@@ -1,7 +1,9 @@
 """Model presets and loading: Hugging Face hub, a local weights file, or random weights."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 import os
 import socket
 import threading
@@ -155,15 +157,6 @@ def load_model(
     return LoadedModel(spec=spec, model=model, weights=label, fingerprint=fingerprint)
 
 
-def native_side(spec: ModelSpec, model_args: Mapping[str, Any] | None = None) -> int:
-    """The longer input side the model was trained at (its default capture size)."""
-    img_size = (model_args or {}).get("img_size")
-    if img_size is not None:
-        return max(img_size) if isinstance(img_size, (tuple, list)) else int(img_size)
-    cfg = get_pretrained_cfg(spec.arch)
-    return max(cfg.input_size[-2:]) if cfg is not None else 224
-
-
 def weights_fingerprint(spec: ModelSpec, weights: str | os.PathLike, model_args: Mapping[str, Any] | None = None) -> str | None:
     """What ``load_model`` would report as the fingerprint, without building the model.
 
@@ -264,15 +257,36 @@ def _from_hub(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str
 
 def _from_file(spec: ModelSpec, path: Path, model_args: dict) -> tuple[VisionTransformer, str]:
     state_dict = read_state_dict(path)
+    build_args = dict(model_args)
+    if "img_size" not in build_args and (img_size := _checkpoint_img_size(state_dict)) is not None:
+        build_args["img_size"] = img_size  # build at the checkpoint's own grid: no resampling at load
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        model = _create(spec, model_args, pretrained=False)
+        model = _create(spec, build_args, pretrained=False)
     _load_state_dict(model, state_dict, path)
     return model, _file_fingerprint(path, model_args)
 
 
+def _checkpoint_img_size(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The square input side a checkpoint's position embeddings were trained for, if they tell."""
+    pos_embed, proj = state_dict.get("pos_embed"), state_dict.get("patch_embed.proj.weight")
+    if pos_embed is None or proj is None or pos_embed.ndim != 3:
+        return None
+    for num_prefix in range(0, 9):  # cls and register positions, when they are in pos_embed
+        side = math.isqrt(pos_embed.shape[1] - num_prefix)
+        if side * side == pos_embed.shape[1] - num_prefix:
+            return side * proj.shape[-1]
+    return None
+
+
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (first 16 hex digits)."""
+    """SHA-256 of a file's bytes (first 16 hex digits), remembered while the file is unchanged."""
+    stat = path.stat()
+    return _digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):

@@ -35,9 +35,10 @@ class CaptureOptions:
     state_layers: tuple[int, ...] = ()
 
 
-def trace_key(model_key: str, image_digest: str, side: int, options: CaptureOptions) -> str:
-    """Cache key of one trace; ``side`` is the resolved input side."""
+def trace_key(model_key: str, image_digest: str, options: CaptureOptions) -> str:
+    """Cache key of one trace (``model_key`` names architecture and weights, so also the native size)."""
     layers = ",".join(map(str, sorted(set(options.state_layers))))
+    side = options.side or "native"
     return (f"trace/v{CAPTURE_VERSION}/{model_key}/{image_digest}/side{side}/aa{int(options.antialias)}"
             f"/{options.precision}/states[{layers}]")
 
