@@ -167,8 +167,9 @@ class _Recorder:
             qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
             q = attn.q_norm(qkv[0][:, :, :self.num_prefix])  # [batch, head, prefix, dim]
             k = attn.k_norm(qkv[1])  # [batch, head, token, dim]
-            logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
-            self.attention.append(logits.softmax(dim=-1))
+            with torch.autocast(qkv.device.type, enabled=False):  # autocast would run this matmul in bf16
+                logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
+                self.attention.append(logits.softmax(dim=-1))
         return hook
 
     def traces(self, layout: TokenLayout, input_size: tuple[int, int]) -> list[Trace]:
