@@ -65,6 +65,12 @@ class Engine:
         fingerprint = weights_fingerprint(spec, weights) or self.model(name, weights).fingerprint
         return f"{spec.arch}|{fingerprint}"
 
+    def trace_keys(self, images: Sequence[DecodedImage], name: str, weights: str = "hub",
+                   options: CaptureOptions = CaptureOptions()) -> list[str]:
+        """The store keys ``traces`` reads and writes for these images (the worker records them in jobs)."""
+        model_key = self.model_key(name, weights)
+        return [trace_key(model_key, image.digest, options) for image in images]
+
     def traces(
             self,
             images: Sequence[DecodedImage],
@@ -74,7 +80,7 @@ class Engine:
             progress: Progress | None = None,
     ) -> list[TraceResult]:
         """One trace per image, from the store where possible; the rest in batched forward passes."""
-        keys = [trace_key(self.model_key(name, weights), image.digest, options) for image in images]
+        keys = self.trace_keys(images, name, weights, options)
         results: list[TraceResult | None] = [self._lookup(key) for key in keys]
         missing = [i for i, result in enumerate(results) if result is None]
         done = len(images) - len(missing)
