@@ -1,0 +1,75 @@
+"""Prefix-token attention maps and CLS attention on outliers: synthetic traces and a tiny real ViT."""
+import numpy as np
+import pytest
+import torch
+
+from app_fixtures import TINY_REG, TINY_SIDE, register_tiny_models, synthetic_trace
+from vitlens.analysis.attention import attention_maps, cls_outlier_attention
+from vitlens.analysis.outliers import layer_outliers
+from vitlens.capture import capture
+from vitlens.errors import OptionError
+from vitlens.models import load_model
+
+PLANTED = {1: [(1, 2)], 2: [(1, 2), (0, 0)]}
+
+
+def test_maps_put_each_token_on_its_cell():
+    trace = synthetic_trace(outliers=PLANTED)
+    maps = attention_maps(trace, layer=1, head=0)
+    assert maps.names == ["cls", "reg0", "reg1"]
+    assert maps.maps.shape == (3, 3, 4)
+    assert maps.to_prefix.shape == (3, 3)
+    cls = maps.map("cls")
+    assert np.unravel_index(cls.argmax(), cls.shape) == (1, 2)
+    assert cls[1, 2] == pytest.approx(0.5)
+    np.testing.assert_allclose(maps.patch_mass + maps.to_prefix.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_mean_over_heads_and_negative_layer():
+    trace = synthetic_trace(outliers=PLANTED)
+    mean = attention_maps(trace, layer=-2)
+    assert mean.layer == 1 and mean.head is None
+    expected = trace.attention[1].mean(axis=0)[0, 3:].reshape(3, 4)
+    np.testing.assert_allclose(mean.map("cls"), expected)
+
+
+def test_bad_layer_head_and_token_are_option_errors():
+    trace = synthetic_trace()
+    with pytest.raises(OptionError, match="Layer 3"):
+        attention_maps(trace, layer=3)
+    with pytest.raises(OptionError, match="Head 2"):
+        attention_maps(trace, layer=0, head=2)
+    with pytest.raises(OptionError, match="reg5"):
+        attention_maps(trace, layer=0).map("reg5")
+
+
+def test_cls_mass_on_planted_outliers():
+    trace = synthetic_trace(outliers=PLANTED)
+    result = cls_outlier_attention(trace, layer_outliers(trace), head=0)
+    assert result.num_outliers.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(result.outlier_mass, [0.0, 0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(result.outlier_mass + result.normal_mass + result.prefix_mass, 1.0, rtol=1e-5)
+    assert np.isnan(result.outlier_per_token[0])
+    assert result.outlier_per_token[2] == pytest.approx(0.25)
+    assert result.outlier_per_token[1] > 10 * result.normal_per_token[1]
+    averaged = cls_outlier_attention(trace, layer_outliers(trace))
+    assert averaged.outlier_mass[1] < result.outlier_mass[1]  # head 1 is uniform
+
+
+def test_no_class_token_is_an_option_error():
+    trace = synthetic_trace(cls=False, outliers=PLANTED)
+    with pytest.raises(OptionError, match="class token"):
+        cls_outlier_attention(trace, layer_outliers(trace))
+
+
+def test_real_tiny_model_attention_is_a_distribution():
+    register_tiny_models()
+    loaded = load_model(TINY_REG, "random")
+    trace = capture(loaded, torch.randn(1, 3, TINY_SIDE, TINY_SIDE))[0]
+    maps = attention_maps(trace, layer=2)
+    assert maps.names == ["cls", "reg0", "reg1", "reg2", "reg3"]
+    assert maps.maps.shape == (5, 4, 4)
+    np.testing.assert_allclose(maps.patch_mass + maps.to_prefix.sum(axis=1), 1.0, rtol=1e-4)
+    mass = cls_outlier_attention(trace, layer_outliers(trace, threshold=float(np.median(trace.norms))))
+    np.testing.assert_allclose(mass.outlier_mass + mass.normal_mass + mass.prefix_mass, 1.0, rtol=1e-4)
+    assert mass.num_outliers.sum() > 0

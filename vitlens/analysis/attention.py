@@ -1,0 +1,146 @@
+"""What the prefix tokens (CLS, registers) attend to, and how much of CLS's attention the outliers take.
+
+Attention comes from ``Trace.attention`` (softmax of each prefix query over all tokens, per layer
+and head), so nothing here needs the model. Token order is the trace's ``TokenLayout``:
+[cls, registers..., patches row-major].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..capture import Trace
+from ..errors import OptionError
+from .outliers import LayerOutliers
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMaps:
+    """Attention of each prefix query in one layer, split into patches (on the grid) and prefix tokens.
+
+    Attributes:
+        layer: Block index.
+        head: Head index, or None for the mean over heads.
+        names: Prefix query names in order: ``cls``, ``reg0``, ...
+        maps: Attention of each prefix query to each patch.  # [prefix, row, col]
+        to_prefix: Attention of each prefix query to each prefix token.  # [query, key]
+    """
+
+    layer: int
+    head: int | None
+    names: list[str]
+    maps: np.ndarray
+    to_prefix: np.ndarray
+
+    @property
+    def patch_mass(self) -> np.ndarray:
+        """Share of each query's attention that goes to patches.  # [prefix]"""
+        return self.maps.sum(axis=(1, 2))
+
+    def map(self, name: str) -> np.ndarray:
+        """The grid of one prefix query, by name.  # [row, col]"""
+        if name not in self.names:
+            raise OptionError(f"This model has no '{name}' token; its prefix tokens are {', '.join(self.names)}.")
+        return self.maps[self.names.index(name)]
+
+
+@dataclass(frozen=True, eq=False)
+class ClsOutlierAttention:
+    """Where CLS attention goes in each layer: outlier patches, the other patches, prefix tokens.
+
+    Masses are shares of CLS's attention (they sum to 1 per layer).
+
+    Attributes:
+        head: Head index, or None for the mean over heads.
+        outlier_mass: Attention to outlier patches.  # [layer]
+        normal_mass: Attention to the other patches.  # [layer]
+        prefix_mass: Attention to CLS itself and the registers.  # [layer]
+        num_outliers: Outlier patches per layer.  # [layer]
+        num_patches: Patches per layer.
+    """
+
+    head: int | None
+    outlier_mass: np.ndarray
+    normal_mass: np.ndarray
+    prefix_mass: np.ndarray
+    num_outliers: np.ndarray
+    num_patches: int
+
+    @property
+    def outlier_per_token(self) -> np.ndarray:
+        """Mean attention per outlier patch; NaN in layers without outliers.  # [layer]"""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.num_outliers > 0, self.outlier_mass / self.num_outliers, np.nan)
+
+    @property
+    def normal_per_token(self) -> np.ndarray:
+        """Mean attention per normal patch.  # [layer]"""
+        normal = self.num_patches - self.num_outliers
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(normal > 0, self.normal_mass / normal, np.nan)
+
+
+def _check_index(value: int, count: int, what: str) -> int:
+    if not -count <= value < count:
+        raise OptionError(f"{what.capitalize()} {value} is out of range: this model has {count} {what}s (0 to {count - 1}).")
+    return value % count
+
+
+def _heads(attention: np.ndarray, head: int | None) -> np.ndarray:
+    """Select one head or average them: ``[..., head, query, token]`` -> ``[..., query, token]``."""
+    if head is None:
+        return attention.mean(axis=-3)
+    return attention[..., _check_index(head, attention.shape[-3], "head"), :, :]
+
+
+def attention_maps(trace: Trace, layer: int, head: int | None = None) -> AttentionMaps:
+    """The attention maps of every prefix token in one layer.
+
+    Args:
+        trace: One image's capture.
+        layer: Block index (negative counts from the end).
+        head: One head, or None for the mean over heads.
+
+    Raises:
+        OptionError: layer or head out of range.
+    """
+    layer = _check_index(layer, trace.num_layers, "layer")
+    attention = _heads(trace.attention[layer], head)  # [prefix, token]
+    layout = trace.layout
+    return AttentionMaps(
+        layer=layer,
+        head=head,
+        names=layout.prefix_names(),
+        maps=layout.patch_grid(attention),
+        to_prefix=attention[:, :layout.num_prefix],
+    )
+
+
+def cls_outlier_attention(trace: Trace, outliers: LayerOutliers, head: int | None = None) -> ClsOutlierAttention:
+    """How much of CLS's attention the outlier patches receive, layer by layer.
+
+    Args:
+        trace: One image's capture.
+        outliers: Outliers of the same trace (``layer_outliers``), which fixes the threshold.
+        head: One head, or None for the mean over heads.
+
+    Raises:
+        OptionError: the model has no class token, or the head is out of range.
+    """
+    layout = trace.layout
+    if layout.cls_index is None:
+        raise OptionError("This model has no class token, so there is no CLS attention to measure.")
+    if outliers.masks.shape != (trace.num_layers, *layout.grid):
+        raise ValueError(f"outlier masks {outliers.masks.shape} do not match the trace {(trace.num_layers, *layout.grid)}")
+    cls = _heads(trace.attention, head)[:, layout.cls_index]  # [layer, token]
+    to_patches = layout.patch_grid(cls)  # [layer, row, col]
+    outlier_mass = (to_patches * outliers.masks).sum(axis=(1, 2))
+    return ClsOutlierAttention(
+        head=head,
+        outlier_mass=outlier_mass,
+        normal_mass=to_patches.sum(axis=(1, 2)) - outlier_mass,
+        prefix_mass=cls[:, :layout.num_prefix].sum(axis=1),
+        num_outliers=outliers.counts.astype(np.int64),
+        num_patches=layout.num_patches,
+    )
