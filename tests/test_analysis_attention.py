@@ -68,7 +68,7 @@ def test_real_tiny_model_attention_is_a_distribution():
     trace = capture(loaded, torch.randn(1, 3, TINY_SIDE, TINY_SIDE))[0]
     maps = attention_maps(trace, layer=2)
     assert maps.names == ["cls", "reg0", "reg1", "reg2", "reg3"]
-    assert maps.maps.shape == (5, 4, 4)
+    assert maps.maps.shape == (5, 8, 8)
     np.testing.assert_allclose(maps.patch_mass + maps.to_prefix.sum(axis=1), 1.0, rtol=1e-4)
     mass = cls_outlier_attention(trace, layer_outliers(trace, threshold=float(np.median(trace.norms))))
     np.testing.assert_allclose(mass.outlier_mass + mass.normal_mass + mass.prefix_mass, 1.0, rtol=1e-4)
