@@ -72,10 +72,20 @@ def resolve_spec(name: str) -> ModelSpec:
     """
     if name in PRESETS:
         return PRESETS[name]
-    arch = name.split(".")[0]
+    arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         raise UnknownModelError(f"Unknown model '{name}': use a preset (python -m vitlens models) or a timm ViT name.")
+    if tag and not _known_tag(name):
+        raise UnknownModelError(f"Unknown model '{name}': timm has no pretrained tag '{tag}' for '{arch}'.")
     return ModelSpec(name=name, arch=name, label=name)
+
+
+def _known_tag(name: str) -> bool:
+    try:
+        get_pretrained_cfg(name)  # raises for an unknown tag of a known architecture
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass
@@ -340,13 +350,33 @@ def _strip_prefixes(key: str) -> str:
 def _load_state_dict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Load timm- or DINOv2-layout tensors; a missing classifier head is fine, anything else is not."""
     try:
-        converted = checkpoint_filter_fn(state_dict, model)
+        converted = _check_shapes(checkpoint_filter_fn(state_dict, model), model, path)
         result = model.load_state_dict(converted, strict=False)
     except (RuntimeError, ValueError, KeyError, IndexError) as error:
-        raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}': "
-                           f"{str(error).splitlines()[0][:200]}") from error
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:200].rstrip(" .:")
+        raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}' "
+                           f"({detail}).") from error
     missing = [key for key in result.missing_keys if not key.startswith("head.")]
     unexpected = [key for key in result.unexpected_keys if not key.startswith("head.")]
     if missing or unexpected:
         detail = f"{len(missing)} missing (e.g. {missing[:2]})" if missing else f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}': {detail} keys.")
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], model: VisionTransformer, path: Path) -> dict[str, torch.Tensor]:
+    """Drop classifier-head tensors of another shape (vitlens never uses the head).
+
+    Raises:
+        WeightsError: any other tensor's shape differs from the model's.
+    """
+    expected = model.state_dict()
+    kept = {}
+    for key, value in tensors.items():
+        want = expected.get(key)
+        if want is not None and want.shape != value.shape:
+            if key.startswith("head."):
+                continue
+            raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}': "
+                               f"'{key}' is {list(value.shape)} in the file but {list(want.shape)} in the model.")
+        kept[key] = value
+    return kept
