@@ -1,0 +1,510 @@
+"""The persistent capture-job queue shared by every app session and worker on one machine.
+
+A job is one capture request: images (by pixel digest; the worker reads their PNG from the
+queue's image folder), a model, its weights and the ``CaptureOptions``. Its id is a hash of
+all of that, so identical requests share one job. Status: ``queued`` (with its position),
+``running`` (images done of total), ``done`` (the ``TraceStore`` keys of the results; traces
+never travel through the queue) or ``failed`` (one sentence).
+
+The queue is a table in one SQLite file (stdlib ``sqlite3``, WAL mode). Queue libraries were
+weighed and none gave what a GPU worker that may be SIGKILLed needs:
+
+- huey (``SqliteHuey``): dequeue deletes the message, so a task in flight when the consumer
+  is killed is lost (huey documents at-most-once delivery; acknowledgements were declined
+  upstream), it has no dedupe key, and its consumer runs one task at a time (no batching).
+- persist-queue (``SQLiteAckQueue``): has ack/nack, but ``get`` selects and then updates under
+  a *thread* lock only, so two worker processes can take the same item, and its
+  ``resume_unack_tasks`` hands back every unacknowledged item, a live worker's too.
+- litequeue: atomic multi-process pop with lock times, but no lease renewal, no dedupe key
+  and no way to take the compatible jobs behind the first one; releases after 0.9 need
+  Python 3.12.
+
+Every one of them would need the same job table beside it for status, progress and crash
+recovery, which then is the real queue. So the table is the queue, and the protocol is
+three SQL statements inside ``BEGIN IMMEDIATE`` transactions (SQLite's cross-process write
+lock): claim (oldest queued job plus compatible ones, marked running by one worker), renew
+(worker heartbeat), and recover (jobs of a worker whose heartbeat is stale, or whose process
+is gone, go back to the queue or fail after ``max_attempts``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .errors import VitlensError
+from .images import DecodedImage, decode_image
+from .store import CaptureOptions
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+FINISHED = (DONE, FAILED)
+JOB_RETENTION = 24 * 3600.0  # seconds finished jobs and unused images are kept
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    grp TEXT,
+    state TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    done INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    message TEXT,
+    error TEXT,
+    result TEXT,
+    submitted REAL NOT NULL,
+    started REAL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    device TEXT,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
+"""
+
+
+class JobError(VitlensError):
+    """A capture job failed; the message is the worker's sentence."""
+
+
+class MalformedJobError(JobError):
+    """A job in the queue cannot be read (bad spec, missing image)."""
+
+
+class JobTimeoutError(JobError):
+    """A job did not finish in the time the caller was willing to wait."""
+
+
+class NoWorkerError(JobError):
+    """No worker process is alive to run queued jobs."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to capture. Everything here is part of the job id.
+
+    Attributes:
+        model: Preset or timm ViT name.
+        weights: ``hub``, ``random``, or a file name inside the deployment's weights folder.
+        images: Pixel digests (``DecodedImage.digest``) of images put into the queue.
+        options: Capture options.
+    """
+
+    model: str
+    weights: str
+    images: tuple[str, ...]
+    options: CaptureOptions = CaptureOptions()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        """Parse a stored spec.
+
+        Raises:
+            MalformedJobError: not JSON, or fields missing or of the wrong type.
+        """
+        try:
+            data = json.loads(text)
+            options = data["options"]
+            spec = cls(
+                model=_typed(data["model"], str),
+                weights=_typed(data["weights"], str),
+                images=tuple(_typed(digest, str) for digest in data["images"]),
+                options=CaptureOptions(
+                    side=None if options["side"] is None else _typed(options["side"], int),
+                    antialias=_typed(options["antialias"], bool),
+                    precision=_typed(options["precision"], str),
+                    state_layers=tuple(_typed(layer, int) for layer in options["state_layers"]),
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise MalformedJobError(f"The job is malformed ({type(error).__name__}: {str(error)[:80]}).") from error
+        if not spec.images:
+            raise MalformedJobError("The job has no images.")
+        return spec
+
+    @property
+    def job_id(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:24]
+
+    @property
+    def group(self) -> str:
+        """Jobs with the same group can run in one batch (same model, weights and options)."""
+        return json.dumps([self.model, self.weights, asdict(self.options)], sort_keys=True)
+
+
+def _typed(value, kind: type):
+    if type(value) is not kind:  # bool is an int subclass; be strict
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where a job stands.
+
+    Attributes:
+        job_id: Stable id of the request.
+        state: ``queued``, ``running``, ``done`` or ``failed``.
+        position: Queued jobs ahead of this one (queued only).
+        done: Images captured so far.
+        total: Images in the job.
+        attempts: How many times a worker took the job.
+        message: Why it failed (failed), or a note such as a re-queue after a worker died.
+        error: Name of the ``VitlensError`` subclass behind a failure, if any.
+        keys: ``TraceStore`` keys of the results in image order (done only).
+        cached: Per image, whether the worker found the trace in the store (done only).
+        worker: The worker that holds the job (running) or that finished it.
+    """
+
+    job_id: str
+    state: str
+    position: int | None = None
+    done: int = 0
+    total: int = 0
+    attempts: int = 0
+    message: str | None = None
+    error: str | None = None
+    keys: tuple[str, ...] = ()
+    cached: tuple[bool, ...] = ()
+    worker: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def describe(self) -> str:
+        """A short line for a status panel."""
+        if self.state == QUEUED:
+            ahead = "next in line" if not self.position else f"{self.position} job{'s' * (self.position != 1)} ahead"
+            return f"Queued ({ahead})"
+        if self.state == RUNNING:
+            return f"Running: {self.done} of {self.total} image{'s' * (self.total != 1)} captured"
+        if self.state == DONE:
+            return "Done"
+        return f"Failed: {self.message}"
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job a worker has taken; ``spec`` is the raw text (it may turn out malformed)."""
+
+    job_id: str
+    spec: str
+    total: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A registered worker process."""
+
+    worker_id: str
+    host: str
+    pid: int
+    device: str | None
+    heartbeat: float
+
+
+@dataclass
+class JobQueue:
+    """The job table and image folder in ``directory``; safe to use from many processes.
+
+    Attributes:
+        directory: Shared folder (``Settings.job_dir``).
+        lease: Seconds without a heartbeat after which a worker counts as dead.
+        max_attempts: Times a job is started before a worker crash fails it for good.
+    """
+
+    directory: Path
+    lease: float = 30.0
+    max_attempts: int = 2
+    _host: str = field(default_factory=socket.gethostname, repr=False)
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.directory / "images"
+
+    @property
+    def db_path(self) -> Path:
+        return self.directory / "jobs.sqlite"
+
+    # -- images ------------------------------------------------------------------------------
+    def put_image(self, image: DecodedImage) -> str:
+        """Store the decoded pixels as PNG (once per digest) and return the digest."""
+        path = self.images_dir / f"{image.digest}.png"
+        if not path.exists():
+            buffer = io.BytesIO()
+            image.image.save(buffer, format="PNG", compress_level=1)
+            temporary = path.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}.tmp")
+            temporary.write_bytes(buffer.getvalue())
+            os.replace(temporary, path)
+        else:
+            os.utime(path)  # keeps it from being pruned while in use
+        return image.digest
+
+    def read_image(self, digest: str, max_pixels: int) -> DecodedImage:
+        """The image a job refers to.
+
+        Raises:
+            MalformedJobError: the digest is not a hex name, the file is gone or its pixels differ.
+        """
+        if not digest or not all(c in "0123456789abcdef" for c in digest):
+            raise MalformedJobError(f"The job names an invalid image digest '{digest[:40]}'.")
+        path = self.images_dir / f"{digest}.png"
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise MalformedJobError(f"The job's image {digest} is no longer in the queue folder.") from error
+        image = decode_image(data, name=digest, max_pixels=max_pixels)
+        if image.digest != digest:
+            raise MalformedJobError(f"The job's image {digest} is damaged (its pixels no longer match).")
+        return image
+
+    # -- submitting and reading --------------------------------------------------------------
+    def submit(self, spec: JobSpec, rerun: bool = False) -> JobStatus:
+        """Queue ``spec`` unless the same job is queued, running or done; a failed job is queued again.
+
+        Args:
+            spec: The request; its images must have been stored with ``put_image``.
+            rerun: Queue it again even when it is done (its results were evicted from the store).
+        """
+        job_id, now = spec.job_id, time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO jobs (id, seq, spec, grp, state, total, submitted) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (job_id, _next_seq(conn), spec.to_json(), spec.group, QUEUED, len(spec.images), now))
+            elif row[0] == FAILED or (rerun and row[0] == DONE):
+                conn.execute("UPDATE jobs SET state = ?, seq = ?, done = 0, attempts = 0, worker = NULL, message = NULL, "
+                             "error = NULL, result = NULL, submitted = ?, started = NULL, finished = NULL WHERE id = ?",
+                             (QUEUED, _next_seq(conn), now, job_id))
+        return self.status(job_id)
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """The job's status, or None when there is no such job."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT state, seq, done, total, attempts, message, error, result, worker FROM jobs "
+                               "WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            state, seq, done, total, attempts, message, error, result, worker = row
+            position = None
+            if state == QUEUED:
+                position = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ? AND seq < ?", (QUEUED, seq)).fetchone()[0]
+        keys, cached = (), ()
+        if result:
+            stored = json.loads(result)
+            keys, cached = tuple(stored["keys"]), tuple(stored["cached"])
+        return JobStatus(job_id=job_id, state=state, position=position, done=done, total=total, attempts=attempts,
+                         message=message, error=error, keys=keys, cached=cached, worker=worker)
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per state."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: 0 for state in (QUEUED, RUNNING, DONE, FAILED)} | dict(rows)
+
+    # -- worker side -------------------------------------------------------------------------
+    def claim(self, worker_id: str, max_images: int) -> list[ClaimedJob]:
+        """Take the oldest queued job and, behind it, compatible ones up to ``max_images`` images.
+
+        Atomic across processes: a job is handed to exactly one worker.
+        """
+        now = time.time()
+        with self._transaction() as conn:
+            first = conn.execute("SELECT id, grp FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
+            if first is None:
+                return []
+            if first[1] is None:
+                rows = conn.execute("SELECT id, spec, total, attempts FROM jobs WHERE id = ?", (first[0],)).fetchall()
+            else:
+                rows = conn.execute("SELECT id, spec, total, attempts FROM jobs WHERE state = ? AND grp = ? ORDER BY seq",
+                                    (QUEUED, first[1])).fetchall()
+            taken, images = [], 0
+            for job_id, spec, total, attempts in rows:
+                if taken and images + total > max_images:
+                    break
+                taken.append(ClaimedJob(job_id, spec, total, attempts + 1))
+                images += total
+            conn.executemany("UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, done = 0, started = ? "
+                             "WHERE id = ? AND state = ?", [(RUNNING, worker_id, now, job.job_id, QUEUED) for job in taken])
+        return taken
+
+    def progress(self, job_id: str, worker_id: str, done: int) -> bool:
+        """Record images done; False when the job is no longer this worker's."""
+        return self._update_own(job_id, worker_id, "done = ?", (done,))
+
+    def complete(self, job_id: str, worker_id: str, keys: Sequence[str], cached: Sequence[bool]) -> bool:
+        """Mark the job done with the store keys of its traces; False when it is no longer this worker's."""
+        result = json.dumps({"keys": list(keys), "cached": [bool(c) for c in cached]})
+        return self._update_own(job_id, worker_id, "state = ?, done = total, result = ?, message = NULL, error = NULL, finished = ?",
+                                (DONE, result, time.time()))
+
+    def fail(self, job_id: str, worker_id: str, message: str, error: str | None = None) -> bool:
+        """Mark the job failed with one sentence; False when it is no longer this worker's."""
+        return self._update_own(job_id, worker_id, "state = ?, message = ?, error = ?, finished = ?",
+                                (FAILED, _sentence(message), error, time.time()))
+
+    def release(self, worker_id: str) -> int:
+        """Put a stopping worker's running jobs back in the queue (not counted as an attempt)."""
+        with self._transaction() as conn:
+            return conn.execute("UPDATE jobs SET state = ?, worker = NULL, done = 0, attempts = MAX(attempts - 1, 0), "
+                                "message = ? WHERE state = ? AND worker = ?",
+                                (QUEUED, "Re-queued: its worker was stopped.", RUNNING, worker_id)).rowcount
+
+    def _update_own(self, job_id: str, worker_id: str, assignments: str, values: tuple) -> bool:
+        with self._transaction() as conn:
+            changed = conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ? AND worker = ?",
+                                   (*values, job_id, RUNNING, worker_id)).rowcount
+        if not changed:
+            log.warning("job %s is no longer held by worker %s; its update was dropped", job_id, worker_id)
+        return bool(changed)
+
+    # -- workers, leases and recovery --------------------------------------------------------
+    def register(self, worker_id: str, device: str | None = None) -> None:
+        now = time.time()
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO workers (id, host, pid, device, started, heartbeat) VALUES (?, ?, ?, ?, ?, ?)",
+                         (worker_id, self._host, os.getpid(), device, now, now))
+
+    def heartbeat(self, worker_id: str) -> bool:
+        """Renew the worker's lease; False when it was declared dead meanwhile (it should stop)."""
+        with self._transaction() as conn:
+            return bool(conn.execute("UPDATE workers SET heartbeat = ? WHERE id = ?", (time.time(), worker_id)).rowcount)
+
+    def unregister(self, worker_id: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self) -> list[WorkerInfo]:
+        """Registered workers that are alive (fresh heartbeat, and a live process on this host)."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT id, host, pid, device, heartbeat FROM workers").fetchall()
+        now = time.time()
+        return [WorkerInfo(*row) for row in rows if self._alive(row[1], row[2], row[4], now)]
+
+    def recover(self) -> list[JobStatus]:
+        """Re-queue (or, after ``max_attempts`` starts, fail) the running jobs of dead workers.
+
+        Any process may call this; it never touches a live worker's jobs.
+        """
+        now, changed = time.time(), []
+        with self._transaction() as conn:
+            workers = conn.execute("SELECT id, host, pid, heartbeat FROM workers").fetchall()
+            alive = {row[0] for row in workers if self._alive(row[1], row[2], row[3], now)}
+            orphans = [row for row in conn.execute("SELECT id, worker, attempts FROM jobs WHERE state = ?", (RUNNING,))
+                       if row[1] not in alive]
+            for job_id, worker, attempts in orphans:
+                if attempts >= self.max_attempts:
+                    message = (f"The worker stopped while running this job {attempts} time{'s' * (attempts != 1)} "
+                               "(crash or out of memory), so it was not tried again.")
+                    conn.execute("UPDATE jobs SET state = ?, message = ?, error = NULL, finished = ? WHERE id = ?",
+                                 (FAILED, message, now, job_id))
+                else:
+                    message = f"Re-queued after worker {worker} stopped during attempt {attempts}."
+                    conn.execute("UPDATE jobs SET state = ?, worker = NULL, done = 0, message = ? WHERE id = ?",
+                                 (QUEUED, message, job_id))
+                log.warning("job %s of dead worker %s: %s", job_id, worker, message)
+                changed.append(job_id)
+            dead = [row[0] for row in workers if row[0] not in alive]
+            conn.executemany("DELETE FROM workers WHERE id = ?", [(worker,) for worker in dead])
+        return [self.status(job_id) for job_id in changed]
+
+    def _alive(self, host: str, pid: int, heartbeat: float, now: float) -> bool:
+        if now - heartbeat > self.lease:
+            return False
+        return host != self._host or _process_alive(pid)
+
+    def prune(self, max_age: float = JOB_RETENTION) -> int:
+        """Delete finished jobs and unreferenced images older than ``max_age`` seconds; returns jobs deleted."""
+        cutoff = time.time() - max_age
+        with self._transaction() as conn:
+            deleted = conn.execute(f"DELETE FROM jobs WHERE state IN ({','.join('?' * len(FINISHED))}) AND finished < ?",
+                                   (*FINISHED, cutoff)).rowcount
+            active = conn.execute("SELECT spec FROM jobs WHERE state IN (?, ?)", (QUEUED, RUNNING)).fetchall()
+        in_use = set()
+        for (text,) in active:
+            with contextlib.suppress(MalformedJobError):
+                in_use.update(JobSpec.from_json(text).images)
+        for path in self.images_dir.glob("*.png"):
+            with contextlib.suppress(OSError):
+                if path.stem not in in_use and path.stat().st_mtime < cutoff:
+                    path.unlink()
+        return deleted
+
+    # -- sqlite plumbing ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection (one per call, so threads and processes never share one)."""
+        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE``: takes SQLite's write lock up front, so read-then-write is atomic."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+
+def _next_seq(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+
+
+def _sentence(message: str, limit: int = 300) -> str:
+    """One line, at most ``limit`` characters, ending in a full stop."""
+    line = " ".join(str(message).split())
+    if len(line) > limit:
+        line = line[:limit - 1].rstrip() + "…"
+    return line if line.endswith((".", "!", "?", "…")) else line + "."
+
+
+def _process_alive(pid: int) -> bool:
+    """True when ``pid`` is a running (not zombie) process on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
