@@ -1,4 +1,4 @@
-"""Command line: ``python -m vitlens inspect|models|fetch``."""
+"""Command line: ``python -m vitlens inspect|models|fetch|worker``."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch", help="download a model's hub weights into the Hugging Face cache")
     fetch.add_argument("model")
     fetch.set_defaults(run=_fetch)
+
+    worker = commands.add_parser("worker", help="run capture jobs from the shared queue (hosted mode; owns the GPU)")
+    worker.add_argument("--device", default=None, help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: VITLENS_DEVICE)")
+    worker.add_argument("--max-models", type=int, default=None, help="models kept loaded (default: VITLENS_WORKER_MAX_MODELS)")
+    worker.add_argument("--batch", type=int, default=None, help="images per forward pass, halved on CUDA out-of-memory (default: VITLENS_WORKER_BATCH)")
+    worker.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="capture precision for every job (default: VITLENS_PRECISION, else each job's own)")
+    worker.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs (default: run until SIGTERM)")
+    worker.set_defaults(run=_worker)
     return parser
 
 
@@ -132,6 +141,36 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     for spec in PRESETS.values():
         pair = f"  (pair: {spec.pair})" if spec.pair else ""
         print(f"{spec.name:<20} {spec.label:<32} {spec.arch}{pair}")
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the worker until SIGTERM/SIGINT (the first finishes the running batch, a second stops at once)."""
+    import dataclasses
+    import logging
+    import signal
+    import threading
+
+    from .worker import Worker
+
+    overrides = {"device": args.device, "worker_max_models": args.max_models, "worker_batch": args.batch,
+                 "precision": args.precision}
+    settings = dataclasses.replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(number: int, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logging.getLogger("vitlens.worker").info("signal %d: finishing the running batch, then stopping", number)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        Worker(settings).run(stop, max_jobs=args.max_jobs)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -1,0 +1,208 @@
+"""The worker: the one place that owns the accelerator in hosted mode.
+
+It takes capture jobs from the shared ``JobQueue``, runs compatible ones (same model, weights
+and options) as one batched ``Engine.traces`` call, writes the traces to the ``TraceStore``
+and records their keys in the job. A heartbeat thread renews its lease, so a worker that dies
+(even by SIGKILL) has its running jobs re-queued by the next worker, or failed with a reason
+once they have been started ``job_attempts`` times. A failure fails only the jobs it belongs to.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from .capture import PRECISIONS
+from .engine import Engine
+from .errors import OptionError, VitlensError
+from .images import DecodedImage
+from .jobs import ClaimedJob, JobQueue, JobSpec, MalformedJobError
+from .models import resolve_spec
+from .settings import Settings
+from .store import CaptureOptions, TraceStore
+
+log = logging.getLogger(__name__)
+PRUNE_EVERY = 600.0  # seconds between clean-ups of old jobs and images
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A claimed job that passed validation: what the engine needs."""
+
+    job: ClaimedJob
+    spec: JobSpec
+    weights: str  # resolved: hub, random or a path inside Settings.weights_dir
+    options: CaptureOptions  # with the worker's precision applied
+    images: tuple[DecodedImage, ...]
+
+
+class Worker:
+    """Runs capture jobs from the queue until stopped.
+
+    Args:
+        settings: Deployment settings (cache, queue, device, batch, precision, limits).
+        queue: The job queue; default: the one in ``settings.queue_dir``.
+        store: The trace store; default: the one in ``settings.cache_dir``.
+        engine: The engine; default: one on ``settings.device``.
+        worker_id: Name in the queue's worker table; default: host, pid and a random suffix.
+    """
+
+    def __init__(self, settings: Settings, queue: JobQueue | None = None, store: TraceStore | None = None,
+                 engine: Engine | None = None, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.queue = queue or JobQueue(settings.queue_dir, lease=settings.worker_lease, max_attempts=settings.job_attempts)
+        self.store = store or TraceStore(settings.cache_dir, settings.cache_size)
+        self.engine = engine or Engine(self.store, device=settings.device, max_models=settings.worker_max_models,
+                                       max_batch=settings.worker_batch)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.jobs_run = 0
+
+    def run(self, stop: threading.Event | None = None, max_jobs: int | None = None) -> None:
+        """Register, then claim and run jobs until ``stop`` is set (or ``max_jobs`` are finished).
+
+        A stop request lets the running batch finish; jobs still held on the way out (an
+        exception, a second signal) go back to the queue.
+        """
+        stop = stop or threading.Event()
+        self.queue.register(self.worker_id, device=str(self.engine.device))
+        beating = threading.Event()
+        heart = threading.Thread(target=self._beat, args=(beating,), name="vitlens-heartbeat", daemon=True)
+        heart.start()
+        log.info("worker %s on %s: queue %s, batch %d, up to %d models", self.worker_id, self.engine.device,
+                 self.queue.directory, self.engine.max_batch, self.engine.max_models)
+        last_recovery = last_prune = 0.0
+        try:
+            while not stop.is_set() and (max_jobs is None or self.jobs_run < max_jobs):
+                now = time.monotonic()
+                if now - last_recovery > min(5.0, self.queue.lease / 2):
+                    self.queue.recover()
+                    last_recovery = now
+                if now - last_prune > PRUNE_EVERY:
+                    self.queue.prune()
+                    last_prune = now
+                if not self.run_once():
+                    stop.wait(self.settings.poll_interval)
+        finally:
+            beating.set()
+            released = self.queue.release(self.worker_id)
+            if released:
+                log.warning("worker %s stopping: %d running job(s) put back in the queue", self.worker_id, released)
+            self.queue.unregister(self.worker_id)
+            heart.join(timeout=5)
+
+    def _beat(self, stopped: threading.Event) -> None:
+        interval = max(0.05, self.queue.lease / 5)
+        while not stopped.wait(interval):
+            try:
+                if not self.queue.heartbeat(self.worker_id):
+                    log.error("worker %s lost its lease (declared dead); re-registering", self.worker_id)
+                    self.queue.register(self.worker_id, device=str(self.engine.device))
+            except Exception:  # a locked or unreachable queue must not kill the heartbeat
+                log.exception("heartbeat of worker %s failed", self.worker_id)
+
+    def run_once(self) -> int:
+        """Claim one batch of compatible jobs and run it; returns the number of jobs claimed."""
+        claimed = self.queue.claim(self.worker_id, max_images=self.engine.max_batch)
+        ready = [job for job in map(self._prepare, claimed) if job is not None]
+        groups: dict[tuple, list[_Ready]] = {}
+        for job in ready:
+            groups.setdefault((job.spec.model, job.weights, job.options), []).append(job)
+        for group in groups.values():
+            self._run_group(group)
+        self.jobs_run += len(claimed)
+        return len(claimed)
+
+    def _prepare(self, job: ClaimedJob) -> _Ready | None:
+        """Validate a claimed job; a bad one is failed here and None returned."""
+        try:
+            spec = JobSpec.from_json(job.spec)
+            self.settings.check_model(spec.model)
+            resolve_spec(spec.model)
+            weights = self.settings.resolve_weights(spec.weights)
+            options = self._options(spec.options)
+            images = tuple(self.queue.read_image(digest, self.settings.max_pixels) for digest in spec.images)
+        except VitlensError as error:
+            self._fail([job], str(error), error)
+            return None
+        except Exception as error:  # anything else in a job's content is a malformed job, not a worker bug
+            log.exception("job %s is malformed", job.job_id)
+            self._fail([job], f"The job is malformed ({type(error).__name__}).", MalformedJobError())
+            return None
+        return _Ready(job, spec, weights, options, images)
+
+    def _options(self, options: CaptureOptions) -> CaptureOptions:
+        if options.precision not in PRECISIONS:
+            raise OptionError(f"Precision must be one of {', '.join(PRECISIONS)}, not '{options.precision}'.")
+        if options.side is not None and not 0 < options.side <= self.settings.max_side:
+            raise OptionError(f"Size must be between 1 and {self.settings.max_side} pixels, not {options.side}.")
+        if self.settings.precision is not None:
+            options = replace(options, precision=self.settings.precision)
+        return options
+
+    def _run_group(self, group: Sequence[_Ready]) -> None:
+        """One batched capture for jobs sharing model, weights and options.
+
+        A ``VitlensError`` fails the whole group (it is about what they share). Any other error
+        in a batch of several jobs is retried job by job, so only the job that causes it fails.
+        """
+        try:
+            self._capture(group)
+        except VitlensError as error:
+            self._fail([ready.job for ready in group], str(error), error)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("out of GPU memory even at batch size 1 for jobs %s", [ready.job.job_id for ready in group])
+            self._fail([ready.job for ready in group],
+                       "The GPU ran out of memory even with one image per batch; try a smaller image size.")
+        except Exception as error:
+            if len(group) > 1:
+                log.warning("batch of %d jobs failed (%s); retrying them one by one", len(group), error)
+                for ready in group:
+                    self._run_group([ready])
+                return
+            log.exception("job %s failed", group[0].job.job_id)
+            self._fail([group[0].job], f"The capture failed unexpectedly ({type(error).__name__}: {str(error)[:120]}).")
+
+    def _capture(self, group: Sequence[_Ready]) -> None:
+        first = group[0]
+        depth = len(self.engine.model(first.spec.model, first.weights).model.blocks)
+        for layer in first.options.state_layers:
+            if not -depth <= layer < depth:
+                raise OptionError(f"Layer {layer} is out of range: '{first.spec.model}' has {depth} blocks.")
+        unique: dict[str, DecodedImage] = {}
+        for ready in group:
+            for image in ready.images:
+                unique.setdefault(image.digest, image)
+        images = list(unique.values())
+        progress = _ProgressSplitter(self.queue, self.worker_id, [(r.job.job_id, len(r.images)) for r in group])
+        results = self.engine.traces(images, first.spec.model, first.weights, first.options, progress=progress)
+        by_digest = dict(zip(unique, results))
+        for ready in group:
+            keys = self.engine.trace_keys(ready.images, ready.spec.model, ready.weights, ready.options)
+            cached = [by_digest[image.digest].cached for image in ready.images]
+            self.queue.complete(ready.job.job_id, self.worker_id, keys, cached)
+
+    def _fail(self, jobs: Sequence[ClaimedJob], message: str, error: BaseException | None = None) -> None:
+        name = type(error).__name__ if isinstance(error, VitlensError) else None
+        for job in jobs:
+            log.info("job %s failed: %s", job.job_id, message)
+            self.queue.fail(job.job_id, self.worker_id, message, name)
+
+
+class _ProgressSplitter:
+    """Turns engine progress over a merged batch into per-job progress (proportional)."""
+
+    def __init__(self, queue: JobQueue, worker_id: str, jobs: list[tuple[str, int]]) -> None:
+        self.queue, self.worker_id, self.jobs = queue, worker_id, jobs
+
+    def __call__(self, done: int, total: int) -> None:
+        if not total:
+            return
+        for job_id, size in self.jobs:
+            self.queue.progress(job_id, self.worker_id, min(size, done * size // total))
