@@ -6,7 +6,6 @@ preprocessing options, capture version), so a hit is always the trace a new pass
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +54,7 @@ class TraceStore:
         """The stored trace, or None; an unreadable entry is dropped so it gets recomputed."""
         try:
             value = self._cache.get(key)
-        except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ImportError, ValueError, TypeError) as error:
+        except Exception as error:  # unpickling damaged bytes can raise almost anything (MemoryError, OverflowError, ...)
             log.warning("dropping unreadable cache entry %s: %s", key, error)
             self._cache.delete(key)
             return None
