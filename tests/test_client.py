@@ -56,13 +56,11 @@ def test_hosted_mode_queues_and_never_loads_a_model(hosted: Client, monkeypatch:
     assert hosted._worker_thread is None
 
 
-def test_a_failed_job_raises_the_workers_error_type(hosted: Client, tmp_path: Path) -> None:
+def test_a_failed_job_raises_the_workers_error_type(tmp_path: Path) -> None:
     weights_dir = tmp_path / "weights"
     weights_dir.mkdir()
     (weights_dir / "broken.safetensors").write_bytes(b"garbage")
-    import dataclasses
-
-    settings = dataclasses.replace(hosted.settings, weights_dir=weights_dir)
+    settings = job_settings(tmp_path, mode="hosted", weights_dir=weights_dir)
     client, stop = Client(settings), threading.Event()
     thread = threading.Thread(target=Worker(settings).run, args=(stop,), daemon=True)
     thread.start()
