@@ -17,7 +17,7 @@ from vitlens.images import decode_image
 from vitlens.layout import TokenLayout
 from vitlens.store import CaptureOptions, TraceStore, trace_key
 
-MODEL = "test_vit"  # timm's own tiny ViT (6 blocks, 64 channels, 224 px): buildable by name alone
+MODEL = "test_vit"  # timm's own tiny ViT (6 blocks, 64 channels, 160 px): buildable by name alone
 
 
 def _assert_same_trace(a: Trace, b: Trace) -> None:

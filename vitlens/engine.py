@@ -35,6 +35,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _unchanged(loaded: LoadedModel, weights: str) -> bool:
+    """False when the weights behind ``loaded`` changed since it was loaded (a rewritten file)."""
+    fingerprint = weights_fingerprint(loaded.spec, weights)
+    return fingerprint is None or fingerprint == loaded.fingerprint
+
+
 class Engine:
     """Loads models, runs captures on one device and keeps the results in a ``TraceStore``."""
 
@@ -47,14 +53,16 @@ class Engine:
         self._models_lock = threading.Lock()
 
     def model(self, name: str, weights: str = "hub") -> LoadedModel:
-        """The loaded model, from the LRU when it is there (evicting the oldest beyond ``max_models``)."""
+        """The loaded model, from the LRU when it is there with unchanged weights (evicting the oldest
+        beyond ``max_models``)."""
         key = (name, str(weights))
         with self._models_lock:
-            if key in self._models:
+            if key in self._models and _unchanged(self._models[key], weights):
                 self._models.move_to_end(key)
                 return self._models[key]
             loaded = load_model(name, weights, device=self.device)
             self._models[key] = loaded
+            self._models.move_to_end(key)
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
             return loaded
