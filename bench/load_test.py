@@ -1,0 +1,303 @@
+"""Load and fault test of the hosted set-up: worker process(es), the app server, N sessions.
+
+    python bench/load_test.py                       # 8 sessions x 3 requests, one worker, app server
+    python bench/load_test.py --fault               # SIGKILL the worker mid-batch, restart it
+    python bench/load_test.py --workers 2 --no-app  # two workers on one queue
+
+Each simulated session is a thread doing what the app's data layer does in hosted mode:
+``vitlens.client.Client.compute_traces`` on its own images (crops of the offline gallery,
+different for every request), which queues a job and polls it. The report gives throughput,
+p50/p95 latency, how the worker batched, and accounts for every job: each must end ``done``
+or ``failed`` with a reason. Everything runs on this machine; the app server listens on
+127.0.0.1 only. Loops are bounded by ``--timeout``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vitlens.client import Client  # noqa: E402
+from vitlens.errors import VitlensError  # noqa: E402
+from vitlens.images import GALLERY, DecodedImage, decode_image, gallery_image  # noqa: E402
+from vitlens.jobs import DONE, FAILED, RUNNING, JobSpec  # noqa: E402
+from vitlens.settings import Settings  # noqa: E402
+from vitlens.store import CaptureOptions  # noqa: E402
+
+
+@dataclass
+class Outcome:
+    session: int
+    request: int
+    latency: float
+    state: str  # done, failed, error
+    message: str = ""
+    job_id: str | None = None
+
+
+@dataclass
+class Run:
+    outcomes: list[Outcome] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.outcomes.append(outcome)
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="vitlens-load-"))
+    settings = Settings(cache_dir=work / "cache", device="cpu", mode="hosted", poll_interval=0.05,
+                        worker_lease=args.lease, worker_batch=args.batch, job_timeout=args.timeout,
+                        worker_wait=args.timeout)
+    env = _env(settings)
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    workers = [_start_worker(env, logs / f"worker{i}.log") for i in range(args.workers)]
+    app = _start_app(env, logs / "app.log") if args.app else None
+    client = Client(settings)
+    report: dict = {"model": args.model, "side": args.side, "sessions": args.sessions, "requests_per_session": args.requests,
+                    "images_per_request": args.images, "workers": args.workers, "batch": args.batch, "fault": args.fault}
+    try:
+        if app is not None:
+            report["app"] = _wait_app(app, args.timeout)
+        warm = time.monotonic()
+        client.compute_traces([_image(-1, 0, 0)], args.model, "random", CaptureOptions(side=args.side), timeout=args.timeout)
+        report["warm_up_s"] = round(time.monotonic() - warm, 2)  # model load + first pass, not in the numbers below
+        run = Run()
+        args.ready = threading.Barrier(args.sessions + 1, timeout=args.timeout)  # images prepared, then all start at once
+        sessions = [threading.Thread(target=_session, args=(client, run, s, args)) for s in range(args.sessions)]
+        for thread in sessions:
+            thread.start()
+        args.ready.wait()
+        start = time.monotonic()
+        killer = None
+        if args.fault:
+            killer = threading.Thread(target=_kill_and_restart, args=(client, workers, env, logs, args, report), daemon=True)
+            killer.start()
+        for thread in sessions:
+            thread.join(args.timeout + 30)
+        wall = time.monotonic() - start
+        if killer is not None:
+            killer.join(30)
+        report.update(_summary(run, wall, args))
+        report.update(_accounting(client, settings))
+        if app is not None:
+            report["app_after"] = _health(app[1])
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in workers:
+            _wait(process)
+        if app is not None:
+            app[0].send_signal(signal.SIGTERM)
+            _wait(app[0])
+        client.close()
+    _print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    ok = report["unaccounted"] == 0 and report["jobs_unfinished"] == 0 and not report["failed_without_reason"]
+    ok = ok and (args.fault or report["outcomes"].get("done", 0) == args.sessions * args.requests)
+    return 0 if ok else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=3, help="capture requests per session, one after another")
+    parser.add_argument("--images", type=int, default=2, help="images per request")
+    parser.add_argument("--model", default="vit_small_patch14_reg4_dinov2", help="timm ViT (random weights)")
+    parser.add_argument("--side", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8, help="worker batch (images per forward pass)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--lease", type=float, default=10.0, help="worker lease in seconds")
+    parser.add_argument("--fault", action="store_true", help="SIGKILL a worker during a batch, then restart it")
+    parser.add_argument("--restart-after", type=float, default=1.0, help="seconds between the kill and the restart")
+    parser.add_argument("--no-app", dest="app", action="store_false", help="do not start the Streamlit server")
+    parser.add_argument("--timeout", type=float, default=300.0, help="bound on every wait, in seconds")
+    parser.add_argument("--dir", help="working folder (default: a new temporary one)")
+    parser.add_argument("--json", help="also write the report here")
+    return parser
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"VITLENS_CACHE_DIR": str(settings.cache_dir), "VITLENS_DEVICE": settings.device, "VITLENS_MODE": "hosted",
+                "VITLENS_POLL_INTERVAL": str(settings.poll_interval), "VITLENS_WORKER_LEASE": str(settings.worker_lease),
+                "VITLENS_WORKER_BATCH": str(settings.worker_batch), "PYTHONPATH": str(ROOT),
+                "HF_HUB_OFFLINE": "1"})
+    return env
+
+
+def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vitlens", "worker"], env=env, cwd=ROOT,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def _start_app(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
+               "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
+    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT), port
+
+
+def _health(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5) as response:
+            return response.read().decode().strip()
+    except OSError as error:
+        return f"unreachable ({error})"
+
+
+def _wait_app(app: tuple[subprocess.Popen, int], timeout: float) -> str:
+    deadline = time.monotonic() + min(timeout, 60)
+    while time.monotonic() < deadline:
+        if app[0].poll() is not None:
+            return f"exited with {app[0].returncode}"
+        if (health := _health(app[1])) == "ok":
+            return f"ok on 127.0.0.1:{app[1]}"
+        time.sleep(0.5)
+    return "not healthy within 60 s"
+
+
+def _image(session: int, request: int, index: int) -> DecodedImage:
+    """A different crop of a gallery photograph for every (session, request, index)."""
+    import io
+
+    import numpy as np
+
+    rng = np.random.default_rng([session + 1, request, index])
+    names = sorted(GALLERY)
+    source = _gallery(names[int(rng.integers(len(names)))])
+    width, height = source.size
+    crop_w, crop_h = int(width * rng.uniform(0.5, 0.9)), int(height * rng.uniform(0.5, 0.9))
+    left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+    buffer = io.BytesIO()
+    source.crop((left, top, left + crop_w, top + crop_h)).save(buffer, format="PNG")
+    return decode_image(buffer.getvalue(), name=f"s{session}r{request}i{index}")
+
+
+@functools.lru_cache(maxsize=None)
+def _gallery(name: str):
+    return gallery_image(name).image
+
+
+def _session(client: Client, run: Run, session: int, args: argparse.Namespace) -> None:
+    options = CaptureOptions(side=args.side)
+    requests = [[_image(session, request, index) for index in range(args.images)] for request in range(args.requests)]
+    args.ready.wait()
+    for request, images in enumerate(requests):
+        job_id = JobSpec(args.model, "random", tuple(image.digest for image in images), options).job_id
+        start = time.monotonic()
+        try:
+            results = client.compute_traces(images, args.model, "random", options, timeout=args.timeout)
+            assert len(results) == len(images)
+            run.add(Outcome(session, request, time.monotonic() - start, "done", job_id=job_id))
+        except VitlensError as error:
+            run.add(Outcome(session, request, time.monotonic() - start, "failed", str(error), job_id))
+        except Exception as error:  # counted, reported, never hidden
+            run.add(Outcome(session, request, time.monotonic() - start, "error", f"{type(error).__name__}: {error}", job_id))
+
+
+def _kill_and_restart(client: Client, workers: list[subprocess.Popen], env, logs: Path, args, report: dict) -> None:
+    """Wait for a job that is running with a batch under way, SIGKILL its worker, restart it."""
+    start = time.monotonic()
+    with sqlite3.connect(client.queue.db_path) as conn:
+        while time.monotonic() - start < args.timeout:
+            rows = conn.execute("SELECT id, worker FROM jobs WHERE state = ?", (RUNNING,)).fetchall()
+            if len(rows) >= 2 or (rows and time.monotonic() - start > 5):  # a batch of several jobs, else any
+                break
+            time.sleep(0.01)
+    if not rows:
+        report["fault_note"] = "no running job was seen; nothing was killed"
+        return
+    victim_pid = int(rows[0][1].split(":")[1])
+    index = next(i for i, process in enumerate(workers) if process.pid == victim_pid)
+    workers[index].send_signal(signal.SIGKILL)
+    workers[index].wait(30)
+    report["killed"] = {"worker": rows[0][1], "running_jobs": len(rows)}
+    time.sleep(args.restart_after)
+    workers[index] = _start_worker(env, logs / f"worker{index}-restarted.log")
+
+
+def _summary(run: Run, wall: float, args: argparse.Namespace) -> dict:
+    latencies = sorted(outcome.latency for outcome in run.outcomes if outcome.state == "done")
+    states: dict[str, int] = {}
+    for outcome in run.outcomes:
+        states[outcome.state] = states.get(outcome.state, 0) + 1
+    done_images = states.get("done", 0) * args.images
+    return {
+        "requests": len(run.outcomes),
+        "outcomes": states,
+        "wall_s": round(wall, 2),
+        "throughput_images_per_s": round(done_images / wall, 2),
+        "throughput_requests_per_s": round(states.get("done", 0) / wall, 2),
+        "latency_p50_s": round(_percentile(latencies, 50), 2) if latencies else None,
+        "latency_p95_s": round(_percentile(latencies, 95), 2) if latencies else None,
+        "latency_max_s": round(latencies[-1], 2) if latencies else None,
+        "failures": sorted({outcome.message for outcome in run.outcomes if outcome.state != "done"}),
+        "unaccounted": args.sessions * args.requests - len(run.outcomes),
+    }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def _accounting(client: Client, settings: Settings) -> dict:
+    """Every job in the queue: its final state, attempts, and how the worker batched them."""
+    with sqlite3.connect(client.queue.db_path) as conn:
+        rows = conn.execute("SELECT state, attempts, message, worker, started FROM jobs").fetchall()
+    by_state: dict[str, int] = {}
+    for state, *_ in rows:
+        by_state[state] = by_state.get(state, 0) + 1
+    batches = len({(worker, started) for state, _, _, worker, started in rows if state == DONE})
+    done = by_state.get(DONE, 0)
+    return {
+        "jobs": by_state,
+        "jobs_unfinished": sum(count for state, count in by_state.items() if state not in (DONE, FAILED)),
+        "jobs_rerun": sum(1 for _, attempts, *_ in rows if attempts > 1),
+        "failed_without_reason": sum(1 for state, _, message, *_ in rows if state == FAILED and not message),
+        "failed_reasons": sorted({message for state, _, message, *_ in rows if state == FAILED}),
+        "jobs_per_batch": round(done / batches, 2) if batches else None,
+    }
+
+
+def _wait(process: subprocess.Popen) -> None:
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def _print(report: dict) -> None:
+    width = max(map(len, report))
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
