@@ -1,4 +1,23 @@
+"""vitlens dashboard: the router. Shared sidebar and state here; one file per view in views/ (not "pages/": Streamlit would treat that folder as its legacy multipage layout)."""
 import streamlit as st
 
-st.title("vitlens")
-st.write("The dashboard is being built.")
+import ui
+
+st.set_page_config(page_title="vitlens", page_icon=":material/blur_on:", layout="wide")
+
+PAGES = [
+    st.Page("views/norm_maps.py", title="Norm maps", icon=":material/grid_on:", url_path="norm_maps", default=True),
+    st.Page("views/histogram.py", title="Norm histogram", icon=":material/bar_chart:", url_path="histogram"),
+    st.Page("views/emergence.py", title="Layer emergence", icon=":material/stacked_line_chart:", url_path="emergence"),
+    st.Page("views/attention.py", title="Attention", icon=":material/visibility:", url_path="attention"),
+    st.Page("views/embedding.py", title="Token embedding", icon=":material/scatter_plot:", url_path="embedding"),
+    st.Page("views/about.py", title="About / how to read", icon=":material/menu_book:", url_path="about"),
+]
+
+page = st.navigation(PAGES)
+ui.init_state()
+ui.keep_page_state()
+request = ui.sidebar()
+st.session_state["request"] = request
+ui.sync_url(request)
+page.run()

@@ -1,0 +1,358 @@
+"""Plotly figures of the dashboard: pure functions from results to figures (no streamlit here).
+
+Grids are drawn in cell coordinates: x is the patch column, y the patch row (0 at the top), so
+hover shows row and col directly and the picture is stretched under the cells it was cut into.
+Layers are 0-based block indices everywhere, as in the CLI.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image
+from plotly.colors import get_colorscale, hex_to_rgb
+from plotly.subplots import make_subplots
+
+from vitlens.analysis.attention import ClsOutlierAttention
+from vitlens.analysis.embedding import TokenEmbedding
+
+HEAT = [[position, f"rgb{hex_to_rgb(colour)}"] for position, colour in get_colorscale("Inferno")]  # rgb(): plotly.js misreads "#000004"
+OUTLINE = "#00e5ff"  # cyan: stands out on every colour of Inferno
+MODEL_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+NORMAL_COLOUR = "#8da0cb"
+OUTLIER_COLOUR = "#e41a1c"
+CLS_COLOUR = "#111111"
+REGISTER_COLOUR = "#1b9e77"
+DOWNLOAD_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def norm_label(post_norm: bool) -> str:
+    """What a norm value is, for titles and colour bars."""
+    return "token norm (post-final-norm)" if post_norm else "token norm (pre-final-norm)"
+
+
+def image_uri(image: Image.Image, max_side: int = 448) -> str:
+    """The picture as a JPEG data URI no larger than ``max_side`` (for figure backgrounds)."""
+    scale = min(1.0, max_side / max(image.size))
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass(frozen=True, eq=False)
+class Overlay:
+    """One grid of values to draw over one picture.
+
+    Attributes:
+        title: Panel title.
+        values: One value per patch.  # [row, col]
+        image: Picture (``image_uri``) stretched under the grid, or None.
+        mask: Cells to outline (outliers), or None.  # [row, col]
+        colorbar: Colour bar title: what the values are.
+        value_name: Name of the value in the hover text.
+    """
+
+    title: str
+    values: np.ndarray
+    image: str | None = None
+    mask: np.ndarray | None = None
+    colorbar: str = "token norm (pre-final-norm)"
+    value_name: str = "norm"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.values.shape[0]), int(self.values.shape[1])
+
+
+def outline_path(mask: np.ndarray) -> tuple[list[float | None], list[float | None]]:
+    """x and y of closed squares around the True cells, separated by None (one scatter trace)."""
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    for row, col in np.argwhere(mask):
+        xs += [col - 0.5, col + 0.5, col + 0.5, col - 0.5, col - 0.5, None]
+        ys += [row - 0.5, row - 0.5, row + 0.5, row + 0.5, row - 0.5, None]
+    return xs, ys
+
+
+def _cell_axes(fig: go.Figure, grid: tuple[int, int], row: int | None = None, col: int | None = None, anchor: str = "x") -> None:
+    rows, cols = grid
+    fig.update_xaxes(range=[-0.5, cols - 0.5], showgrid=False, zeroline=False, constrain="domain",
+                     title_text="col", row=row, col=col)
+    fig.update_yaxes(range=[rows - 0.5, -0.5], showgrid=False, zeroline=False, scaleanchor=anchor,
+                     constrain="domain", title_text="row", row=row, col=col)
+
+
+def _overlay_traces(overlay: Overlay, opacity: float, coloraxis: str | None, show_outline_legend: bool) -> list[go.BaseTraceType]:
+    rows, cols = overlay.grid
+    heat = go.Heatmap(
+        z=overlay.values, x=np.arange(cols), y=np.arange(rows), opacity=opacity, name=overlay.title,
+        hovertemplate=f"row %{{y}}, col %{{x}}<br>{overlay.value_name} %{{z:.4g}}<extra></extra>",
+    )
+    traces: list[go.BaseTraceType] = [heat]
+    if coloraxis:
+        heat.update(coloraxis=coloraxis)
+    else:  # the colour bar comes from an invisible trace, so the heat map's opacity does not fade it
+        low, high = float(np.nanmin(overlay.values)), float(np.nanmax(overlay.values))
+        heat.update(colorscale=HEAT, zmin=low, zmax=high, showscale=False)
+        traces.append(go.Scatter(
+            x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False, name="colour bar",
+            marker=dict(colorscale=HEAT, cmin=low, cmax=high, color=[low], showscale=True,
+                        colorbar=dict(title=dict(text=overlay.colorbar, side="right")))))
+    if overlay.mask is not None and overlay.mask.any():
+        xs, ys = outline_path(overlay.mask)
+        traces.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=OUTLINE, width=2.5), name="outlier cells",
+                                 hoverinfo="skip", showlegend=show_outline_legend, legendgroup="outliers"))
+    return traces
+
+
+def _background(overlay: Overlay, xref: str = "x", yref: str = "y") -> dict:
+    rows, cols = overlay.grid
+    return dict(source=overlay.image, xref=xref, yref=yref, x=-0.5, y=-0.5, sizex=cols, sizey=rows,
+                sizing="stretch", xanchor="left", yanchor="top", layer="below")
+
+
+def overlay_figure(overlay: Overlay, opacity: float = 0.6, height: int = 520) -> go.Figure:
+    """A heat map over its picture, outlier cells outlined, hover with row, col and value."""
+    fig = go.Figure(_overlay_traces(overlay, opacity, None, show_outline_legend=True))
+    if overlay.image:
+        fig.add_layout_image(_background(overlay))
+    _cell_axes(fig, overlay.grid)
+    fig.update_layout(title=dict(text=overlay.title), height=height, margin=dict(l=60, r=10, t=70, b=50),
+                      legend=dict(orientation="h", y=-0.08, x=0), plot_bgcolor="rgba(0,0,0,0)")
+    return fig
+
+
+def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int | None = None,
+                 colorbar: str = "attention", height_per_row: int = 300, title: str | None = None) -> go.Figure:
+    """Several heat maps (same grid) side by side on one shared colour scale."""
+    columns = columns or len(overlays)
+    rows = -(-len(overlays) // columns)
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=[o.title for o in overlays],
+                        horizontal_spacing=0.03, vertical_spacing=0.12 if rows > 1 else 0.08)
+    fig.update_annotations(font_size=13)
+    values = np.concatenate([o.values.ravel() for o in overlays])
+    for index, overlay in enumerate(overlays):
+        row, col = index // columns + 1, index % columns + 1
+        for trace in _overlay_traces(overlay, opacity, "coloraxis", show_outline_legend=index == 0):
+            fig.add_trace(trace, row=row, col=col)
+        suffix = "" if index == 0 else str(index + 1)
+        if overlay.image:
+            fig.add_layout_image(_background(overlay, f"x{suffix}", f"y{suffix}"))
+        _cell_axes(fig, overlay.grid, row=row, col=col, anchor=f"x{suffix}")
+        fig.update_xaxes(showticklabels=False, title_text=None, row=row, col=col)
+        fig.update_yaxes(showticklabels=False, title_text=None, row=row, col=col)
+    fig.update_layout(coloraxis=dict(colorscale=HEAT, cmin=float(values.min()), cmax=float(np.quantile(values, 0.995)),
+                                     colorbar=dict(title=dict(text=colorbar, side="right"))),
+                      height=height_per_row * rows + 80, margin=dict(l=10, r=10, t=70 if title else 40, b=10),
+                      title=dict(text=title) if title else None, plot_bgcolor="rgba(0,0,0,0)",
+                      legend=dict(orientation="h", y=-0.05, x=0))
+    return fig
+
+
+@dataclass(frozen=True, eq=False)
+class NormHistogram:
+    """Pooled patch-token norms of one model and where its outliers start.
+
+    Attributes:
+        label: Model label.
+        norms: Patch-token norms of the chosen layers and images.  # [token]
+        threshold: Outlier threshold, or None when there is no high mode.
+    """
+
+    label: str
+    norms: np.ndarray
+    threshold: float | None
+
+    @property
+    def count(self) -> int:
+        return 0 if self.threshold is None else int((self.norms > self.threshold).sum())
+
+    @property
+    def fraction(self) -> float:
+        return self.count / max(1, self.norms.size)
+
+
+def histogram_edges(histograms: Sequence[NormHistogram], bins: int = 60) -> np.ndarray:
+    """Common bin edges spanning every model's norms.  # [bins + 1]"""
+    values = np.concatenate([h.norms.ravel() for h in histograms])
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        high = low + 1.0
+    return np.linspace(low, high, bins + 1)
+
+
+def histogram_figure(histograms: Sequence[NormHistogram], log_y: bool = True, bins: int = 60,
+                     post_norm: bool = False, height: int = 460) -> go.Figure:
+    """Overlaid histograms of patch-token norms with each model's threshold drawn.
+
+    Each bar carries its bin edges as customdata, so a click on a bar can set the threshold.
+    """
+    edges = histogram_edges(histograms, bins)
+    centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    fig = go.Figure()
+    for index, hist in enumerate(histograms):
+        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+        counts, _ = np.histogram(hist.norms, bins=edges)
+        fig.add_trace(go.Bar(
+            x=centres, y=counts, width=widths, name=hist.label, marker_color=colour, opacity=0.6,
+            customdata=np.stack([edges[:-1], edges[1:]], axis=1),
+            hovertemplate="norm %{customdata[0]:.4g} to %{customdata[1]:.4g}<br>%{y} tokens<extra>%{fullData.name}</extra>",
+        ))
+        if hist.threshold is not None:
+            fig.add_vline(x=hist.threshold, line=dict(color=colour, dash="dash", width=2),
+                          annotation=dict(text=f"threshold {hist.threshold:.4g}: {hist.count} outliers ({hist.fraction:.1%})",
+                                          font=dict(color=colour), yanchor="top", y=1 - 0.07 * index))
+    fig.update_layout(barmode="overlay", bargap=0, height=height, margin=dict(l=60, r=10, t=60, b=50),
+                      legend=dict(orientation="h", y=1.08, x=0), clickmode="event+select")
+    pad = float(widths[0])
+    fig.update_xaxes(title_text=f"patch {norm_label(post_norm)}", range=[float(edges[0]) - pad, float(edges[-1]) + pad])
+    fig.update_yaxes(title_text="tokens" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear",
+                     dtick=1 if log_y else None)
+    return fig
+
+
+@dataclass(frozen=True, eq=False)
+class EmergenceCurve:
+    """Per-layer outlier statistics of one model.
+
+    Attributes:
+        label: Model label.
+        count: Outlier tokens per layer (summed over images).  # [layer]
+        fraction: Outlier share of patch tokens per layer.  # [layer]
+        norm_max: Largest patch-token norm per layer.  # [layer]
+        norm_median: Median patch-token norm per layer.  # [layer]
+    """
+
+    label: str
+    count: np.ndarray
+    fraction: np.ndarray
+    norm_max: np.ndarray
+    norm_median: np.ndarray
+
+    @property
+    def first_layer(self) -> int | None:
+        """The first layer with any outlier, or None."""
+        layers = np.flatnonzero(self.count)
+        return int(layers[0]) if layers.size else None
+
+
+def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 620) -> go.Figure:
+    """Outlier share (top) and max/median norm (bottom, log) per layer; first outlier layer marked."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("outlier share of patch tokens", "patch-token norm (pre-final-norm)"))
+    for index, curve in enumerate(curves):
+        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+        layers = np.arange(curve.count.size)
+        fig.add_trace(go.Scatter(x=layers, y=curve.fraction * 100, mode="lines+markers", name=curve.label, legendgroup=curve.label,
+                                 line=dict(color=colour), customdata=curve.count,
+                                 hovertemplate="layer %{x}: %{y:.2f}% (%{customdata} tokens)<extra>%{fullData.name}</extra>"),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=layers, y=curve.norm_max, mode="lines+markers", name=f"{curve.label}: max",
+                                 legendgroup=curve.label, line=dict(color=colour)), row=2, col=1)
+        fig.add_trace(go.Scatter(x=layers, y=curve.norm_median, mode="lines", name=f"{curve.label}: median",
+                                 legendgroup=curve.label, line=dict(color=colour, dash="dot")), row=2, col=1)
+        if curve.first_layer is not None:
+            fig.add_vline(x=curve.first_layer, line=dict(color=colour, dash="dash"),
+                          annotation=dict(text=f"first outliers: layer {curve.first_layer}", font=dict(color=colour),
+                                          yanchor="top", y=1 - 0.06 * index))
+    depth = max(c.count.size for c in curves)
+    fig.update_xaxes(range=[-0.5, depth - 0.5], dtick=1 if depth <= 24 else 2)
+    fig.update_xaxes(title_text="layer (block index, 0-based)", row=2, col=1)
+    fig.update_yaxes(title_text="% of patches", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="norm (log)", type="log", row=2, col=1)
+    fig.update_layout(height=height, margin=dict(l=60, r=10, t=40, b=50), legend=dict(orientation="h", y=-0.12, x=0))
+    return fig
+
+
+def cls_attention_figure(items: Sequence[tuple[str, ClsOutlierAttention]], layer: int, height: int = 420) -> go.Figure:
+    """Left: per layer, CLS attention on outlier patches vs their share of the patches.
+    Right: at ``layer``, where CLS attention goes (outliers, other patches, CLS and registers)."""
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
+                        subplot_titles=("CLS attention on outlier patches, per layer", f"CLS attention at layer {layer}"))
+    for index, (label, result) in enumerate(items):
+        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+        layers = np.arange(result.outlier_mass.size)
+        fig.add_trace(go.Scatter(x=layers, y=result.outlier_mass * 100, mode="lines+markers", name=f"{label}: attention on outliers",
+                                 line=dict(color=colour), legendgroup=label), row=1, col=1)
+        fig.add_trace(go.Scatter(x=layers, y=result.num_outliers / result.num_patches * 100, mode="lines",
+                                 name=f"{label}: outlier share of patches", line=dict(color=colour, dash="dot"),
+                                 legendgroup=label), row=1, col=1)
+        parts = [result.outlier_mass[layer], result.normal_mass[layer], result.prefix_mass[layer]]
+        fig.add_trace(go.Bar(x=["outlier patches", "other patches", "CLS + registers"], y=np.array(parts) * 100,
+                             name=label, marker_color=colour, legendgroup=label, showlegend=False,
+                             texttemplate="%{y:.1f}%", textposition="outside"), row=1, col=2)
+    fig.update_xaxes(title_text="layer (0-based)", row=1, col=1)
+    fig.update_yaxes(title_text="% of CLS attention / % of patches", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="% of CLS attention", range=[0, 110], row=1, col=2)
+    fig.update_layout(barmode="group", height=height, margin=dict(l=60, r=10, t=40, b=50),
+                      legend=dict(orientation="h", y=-0.2, x=0))
+    return fig
+
+
+def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], title: str = "", height: int = 560,
+                     highlight: tuple[int, int, int] | None = None) -> go.Figure:
+    """Patch tokens (normal / outlier) and prefix tokens (CLS, registers) in 2-D.
+
+    Every patch point carries ``[image index, row, col, norm, image name]`` as customdata, so a
+    hover or a click tells which image and cell it is. ``highlight`` (image, row, col) rings one point.
+    """
+    fig = go.Figure()
+    names = np.array(list(image_names), dtype=object)
+    for label, selected, colour, size in (("normal patch", ~embedding.outlier, NORMAL_COLOUR, 5),
+                                          ("outlier patch", embedding.outlier, OUTLIER_COLOUR, 8)):
+        points = np.flatnonzero(selected)
+        custom = np.stack([embedding.image[points], embedding.row[points], embedding.col[points],
+                           np.round(embedding.norm[points], 2), names[embedding.image[points]]], axis=1) if points.size else None
+        fig.add_trace(go.Scattergl(
+            x=embedding.coords[points, 0], y=embedding.coords[points, 1], mode="markers", name=label,
+            marker=dict(color=colour, size=size, opacity=0.75), customdata=custom,
+            hovertemplate="%{customdata[4]}<br>row %{customdata[1]}, col %{customdata[2]}<br>norm %{customdata[3]}<extra>"
+                          + label + "</extra>"))
+    names_prefix = np.array(embedding.prefix_names, dtype=object)
+    for label, selected, colour, symbol in (("CLS", names_prefix == "cls", CLS_COLOUR, "star"),
+                                            ("registers", names_prefix != "cls", REGISTER_COLOUR, "diamond")):
+        points = np.flatnonzero(selected) if names_prefix.size else np.zeros(0, dtype=int)
+        if not points.size:
+            continue
+        fig.add_trace(go.Scattergl(  # WebGL like the patches, so these are drawn on top of them
+            x=embedding.prefix_coords[points, 0], y=embedding.prefix_coords[points, 1], mode="markers", name=label,
+            marker=dict(color=colour, size=13, symbol=symbol, line=dict(color="white", width=1)),
+            customdata=np.stack([names[embedding.prefix_image[points]], names_prefix[points]], axis=1),
+            hovertemplate="%{customdata[0]}<br>%{customdata[1]} token<extra></extra>"))
+    if highlight is not None:
+        hit = np.flatnonzero((embedding.image == highlight[0]) & (embedding.row == highlight[1]) & (embedding.col == highlight[2]))
+        if hit.size:
+            fig.add_trace(go.Scatter(x=embedding.coords[hit, 0], y=embedding.coords[hit, 1], mode="markers", name="selected",
+                                     marker=dict(size=18, color="rgba(0,0,0,0)", line=dict(color=OUTLINE, width=3)),
+                                     hoverinfo="skip"))
+    axis = "PC" if embedding.method == "pca" else "UMAP "
+    titles = [f"{axis}{i + 1}" for i in range(2)]
+    if embedding.explained is not None:
+        titles = [f"{t} ({e:.0%} of variance)" for t, e in zip(titles, embedding.explained)]
+    fig.update_layout(title=dict(text=title) if title else None, height=height, margin=dict(l=60, r=10, t=60 if title else 20, b=50),
+                      legend=dict(orientation="h", y=-0.12, x=0), xaxis_title=titles[0], yaxis_title=titles[1])
+    return fig
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows for a CSV download: column names and rows of plain values."""
+
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(self.columns)
+        for row in self.rows:
+            writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v) for v in row])
+        return buffer.getvalue()

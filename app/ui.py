@@ -1,0 +1,390 @@
+"""Streamlit pieces the pages share: the sidebar, state mirrored in the URL, waiting, downloads.
+
+Shared state lives in ``st.session_state`` under the widget keys below and is mirrored in the
+query string (``?model=…&weights=…&images=astronaut,cat&layer=9``), so a teammate who opens the
+URL sees the same view. ``main.py`` calls ``init_state`` and ``keep_page_state`` before the
+widgets are drawn and ``sync_url`` after the sidebar.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+import plotly.graph_objects as go
+import streamlit as st
+
+import data
+import figures
+from vitlens.errors import ImageError, OptionError, UnknownModelError, VitlensError, WeightsError
+
+T = TypeVar("T")
+DEFAULT_MODEL = "dinov2_vits14_reg4"
+DEFAULT_IMAGES = ("astronaut", "cat")
+DEFAULT_SIDE = 224
+WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "random": "random weights", "file": "local weights file",
+                "upload": "upload a weights file"}
+IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
+PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "embed_method",
+             "embed_model", "emergence_scope", "figure_format")  # page widgets whose values follow the user
+
+
+# ----------------------------------------------------------------------------------------------
+# State and URL
+# ----------------------------------------------------------------------------------------------
+
+def _param(name: str) -> str | None:
+    value = st.query_params.get(name)
+    return value if value else None
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def init_state() -> None:
+    """Fill the shared state once per session: from the URL where it says, else the defaults."""
+    state = st.session_state
+    if state.get("_initialised"):
+        return
+    state["_initialised"] = True
+    state["url_problems"] = []
+    model = _param("model") or DEFAULT_MODEL
+    preset_names = [spec.name for spec in data.presets()]
+    if model in preset_names:
+        state["model"], state["custom_model"] = model, ""
+    else:
+        state["model"], state["custom_model"] = (preset_names[0] if preset_names else ""), model
+    state["compare"] = _param("compare") != "0"
+    weights = _param("weights") or "hub"
+    mode = weights.split(":", 1)[0] if ":" in weights else weights
+    state["weights_mode"] = mode if mode in WEIGHT_MODES else "hub"
+    if mode == "file":
+        state["weights_file"] = weights.split(":", 1)[1]
+    if mode == "upload":
+        state["weights_upload_choice"] = weights
+    if _param("pair_weights"):
+        state["pair_weights"] = _param("pair_weights")
+    state["side"] = _int(_param("side")) or DEFAULT_SIDE
+    refs = [ref for ref in (_param("images") or ",".join(DEFAULT_IMAGES)).split(",") if ref]
+    missing = [ref for ref in refs if not data.has_image(ref)]
+    if missing:
+        state["url_problems"].append(f"Images {', '.join(missing)} from the link are not on this server (uploads are kept "
+                                     "in memory only); upload them again.")
+    state["images"] = [ref for ref in refs if data.has_image(ref)]
+    if (layer := _int(_param("layer"))) is not None:
+        state["layer"] = layer
+    threshold = _param("threshold")
+    state["threshold_auto"] = threshold in (None, "auto")
+    try:
+        state["threshold_value"] = float(threshold) if threshold not in (None, "auto") else 100.0
+    except ValueError:
+        state["threshold_auto"], state["threshold_value"] = True, 100.0
+        state["url_problems"].append(f"Threshold '{threshold}' from the link is not a number; using auto.")
+
+
+def keep_page_state() -> None:
+    """Keep page widgets' values while the user is on pages that do not draw them."""
+    for key in PAGE_KEYS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
+def sync_url(request: data.Request | None) -> None:
+    """Mirror the shared state in the query string."""
+    state = st.session_state
+    params = {"model": model_name(), "compare": "1" if state.get("compare", True) else "0",
+              "weights": primary_weights(), "side": str(state.get("side", DEFAULT_SIDE)),
+              "images": ",".join(state.get("images", [])),
+              "threshold": "auto" if state.get("threshold_auto", True) else f"{state.get('threshold_value'):g}"}
+    if state.get("layer") is not None:
+        params["layer"] = str(state["layer"])
+    if request is not None and len(request.models) > 1:
+        params["pair_weights"] = request.models[1].weights
+    if {k: st.query_params.get(k) for k in params} != params or set(st.query_params) - set(params):
+        st.query_params.from_dict(params)
+
+
+def model_name() -> str:
+    state = st.session_state
+    return (state.get("custom_model") or "").strip() or state.get("model") or DEFAULT_MODEL
+
+
+def primary_weights() -> str:
+    state = st.session_state
+    mode = state.get("weights_mode", "hub")
+    if mode == "file":
+        return f"{data.WEIGHTS_FILE_PREFIX}{state.get('weights_file') or ''}"
+    if mode == "upload":
+        return state.get("weights_upload_choice") or "upload:"
+    return mode
+
+
+def threshold() -> float | None:
+    """The shared outlier threshold: None for auto."""
+    state = st.session_state
+    return None if state.get("threshold_auto", True) else float(state.get("threshold_value", 100.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sidebar
+# ----------------------------------------------------------------------------------------------
+
+def sidebar() -> data.Request | None:
+    """Draw the shared sidebar; returns the request, or None (the reason is kept for the pages)."""
+    st.session_state["request_error"] = None
+    with st.sidebar:
+        request = _model_and_images()
+        _threshold_controls()
+        _status()
+    return request
+
+
+def _model_and_images() -> data.Request | None:
+    state = st.session_state
+    st.subheader("Model")
+    specs = data.presets()
+    labels = {spec.name: f"{spec.label} ({spec.name})" for spec in specs}
+    if specs:
+        if state.get("model") not in labels:
+            state["model"] = specs[0].name
+        st.selectbox("Preset", list(labels), format_func=labels.get, key="model")
+    st.text_input("or any timm ViT name", key="custom_model", placeholder="e.g. vit_base_patch14_reg4_dinov2",
+                  help="Overrides the preset while it is not empty.")
+    name = model_name()
+    try:
+        data.check_model(name)
+        patch = data.patch_size(name)
+    except VitlensError as error:
+        state["request_error"] = str(error)
+        st.error(str(error))
+        return None
+    pair = data.pair_of(name)
+    if pair:
+        st.checkbox(f"Compare with {pair}", key="compare", help="The same model with/without registers, side by side.")
+    weights, pair_weights = _weights_controls(pair)
+    side = _side_control(patch)
+    refs = _image_controls()
+    if weights is None:
+        return None
+    models = [data.ModelChoice(name, weights)]
+    if pair and state.get("compare", True):
+        models.append(data.ModelChoice(pair, pair_weights))
+    return data.Request(models=tuple(models), images=tuple(refs), side=side)
+
+
+def _weights_controls(pair: str | None) -> tuple[str | None, str]:
+    state = st.session_state
+    st.radio("Weights", list(WEIGHT_MODES), format_func=WEIGHT_MODES.get, key="weights_mode", horizontal=False)
+    mode = state["weights_mode"]
+    if mode in ("hub", "random"):
+        if mode == "random":
+            st.caption("Random weights: no artifacts expected (useful to check the app works offline).")
+        return mode, mode
+    if mode == "file":
+        files = data.weights_files()
+        if not files:
+            message = ("Local weights files are not enabled here (set VITLENS_WEIGHTS_DIR to a folder of "
+                       ".safetensors/.pth/.pt files)." if data.settings().weights_dir is None
+                       else f"No .safetensors/.pth/.pt files in {data.settings().weights_dir}.")
+            state["request_error"] = message
+            st.warning(message)
+            return None, "random"
+        if state.get("weights_file") not in files:
+            state["weights_file"] = files[0]
+        st.selectbox("Weights file", files, key="weights_file")
+        pair_weights = "random"
+        if pair:
+            options = ["random"] + [data.WEIGHTS_FILE_PREFIX + f for f in files]
+            if state.get("pair_weights") not in options:
+                state["pair_weights"] = "random"
+            pair_weights = st.selectbox(f"Weights of {pair}", options, key="pair_weights", format_func=data.weights_label)
+        return data.WEIGHTS_FILE_PREFIX + state["weights_file"], pair_weights
+    st.file_uploader("Weights file (.safetensors, .pth, .pt)", type=["safetensors", "pth", "pt"], key="weights_upload",
+                     on_change=_on_weights_upload)
+    if state.get("weights_upload_error"):
+        st.error(state["weights_upload_error"])
+    choice = state.get("weights_upload_choice")
+    if not choice or choice == "upload:":
+        state["request_error"] = "Upload a weights file in the sidebar, or choose other weights."
+        st.info(state["request_error"])
+        return None, "random"
+    if pair:
+        st.caption(f"{pair} uses random weights.")
+    return choice, "random"
+
+
+def _on_weights_upload() -> None:
+    state = st.session_state
+    upload, state["weights_upload_error"] = state.get("weights_upload"), None
+    if upload is None:
+        return
+    try:
+        state["weights_upload_choice"] = data.add_weights_upload(upload.name, upload.getvalue())
+    except WeightsError as error:
+        state["weights_upload_error"] = str(error)
+
+
+def _side_control(patch: int) -> int:
+    state = st.session_state
+    max_side = data.settings().max_side
+    side = int(state.get("side") or DEFAULT_SIDE)
+    snapped = min(max(patch, round(side / patch) * patch), max_side // patch * patch)
+    if snapped != side:
+        state["side"] = snapped
+    st.number_input("Input side (px)", min_value=patch, max_value=max_side // patch * patch, step=patch, key="side",
+                    help=f"Longer image side fed to the model; a multiple of the patch size ({patch}).")
+    return int(state["side"])
+
+
+def _on_upload() -> None:
+    state = st.session_state
+    errors, refs = [], list(state.get("images", []))
+    for upload in state.get("image_uploads") or []:
+        try:
+            ref = data.add_upload(upload.name, upload.getvalue())
+        except ImageError as error:
+            errors.append(str(error))
+            continue
+        if ref not in refs:
+            refs.append(ref)
+        state.setdefault("my_uploads", [])
+        if ref not in state["my_uploads"]:
+            state["my_uploads"].append(ref)
+    state["images"] = refs
+    state["upload_errors"] = errors
+
+
+def _image_controls() -> list[str]:
+    state = st.session_state
+    st.subheader("Images")
+    options = list(data.GALLERY_NAMES)
+    options += [ref for ref in state.get("my_uploads", []) + state.get("images", []) if ref not in options and data.has_image(ref)]
+    state["images"] = [ref for ref in state.get("images", []) if ref in options]
+    st.multiselect("Gallery photographs and uploads", options, key="images", format_func=data.image_label)
+    st.file_uploader("Upload images (several at once)", type=IMAGE_TYPES, accept_multiple_files=True, key="image_uploads",
+                     on_change=_on_upload)
+    for message in state.get("upload_errors", []):
+        st.error(message)
+    return list(state["images"])
+
+
+def _threshold_controls() -> None:
+    st.subheader("Outliers")
+    st.checkbox("Automatic threshold (per layer, where the norms have a high mode)", key="threshold_auto")
+    st.number_input("Fixed norm threshold", min_value=0.001, step=1.0, format="%.4g", key="threshold_value",
+                    disabled=st.session_state.get("threshold_auto", True),
+                    help="Model-specific: about 150 for DINOv2 ViT-g, 30 for OpenCLIP ViT-B/16. Applies to pre-final-norm norms.")
+
+
+def _status() -> None:
+    jobs = data.running_jobs()
+    if jobs:
+        st.subheader("Running")
+        for job in jobs:
+            st.caption(job.describe())
+    st.radio("Figure download format (camera icon in each figure)", ["png", "svg"], key="figure_format", horizontal=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pages: request, waiting, common widgets, output
+# ----------------------------------------------------------------------------------------------
+
+def page_request() -> data.Request:
+    """The sidebar's request; stops the page with one message when there is none."""
+    for message in st.session_state.get("url_problems", []):
+        st.warning(message)
+    request = st.session_state.get("request")
+    if request is None:
+        st.error(st.session_state.get("request_error") or "Choose a model and weights in the sidebar.")
+        st.stop()
+    if not request.images:
+        st.info("Choose at least one image in the sidebar: a gallery photograph or your own upload.")
+        st.stop()
+    return request
+
+
+def fetch(fn: Callable[..., T], *args, while_waiting: Callable[[], None] | None = None, **kwargs) -> T:
+    """Call a data function; while it is pending show progress and a cancel button; errors become one message."""
+    area = None
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except data.Pending as pending:
+            area = area or st.empty()
+            _wait(pending.job, area, while_waiting)
+            continue
+        except data.Cancelled as cancelled:
+            st.warning(f"{cancelled} Change a setting or press the button to run it again.")
+            st.button("Run again", on_click=data.forget, args=(cancelled.key,), key=f"again-{abs(hash(cancelled.key))}")
+            st.stop()
+        except VitlensError as error:
+            st.error(str(error))
+            st.stop()
+        if area is not None:
+            area.empty()
+        return result
+
+
+def _wait(job: data.Job, area, while_waiting: Callable[[], None] | None) -> None:
+    with area.container():
+        if while_waiting is not None:
+            while_waiting()
+        bar = st.progress(0.0, text=job.describe())
+        st.button("Cancel", key=f"cancel-{abs(hash(job.key))}", on_click=job.cancel)
+        st.caption("You can browse other pages meanwhile: the work goes on in the background.")
+    tick = 0
+    while not job.finished:
+        fraction = job.fraction
+        if fraction is None:  # no count to show: sweep
+            tick += 1
+            fraction = (tick % 20) / 20
+        bar.progress(fraction, text=job.describe())
+        time.sleep(0.1)
+
+
+def notes(result: data.Captured) -> None:
+    """Say when the weights differ from the choice (hub unreachable) and what to do about it."""
+    noted = [run for run in result.runs if run.note]
+    if noted:
+        lines = "\n".join(f"- {run.note}" for run in noted)
+        st.warning(f"Pretrained weights are not available, so these views use **{data.RANDOM_NOTE}**.\n\n{lines}")
+
+
+def layer_slider(num_layers: int, label: str = "Layer (block index, 0-based)") -> int:
+    state = st.session_state
+    layer = state.get("layer")
+    state["layer"] = (2 * num_layers) // 3 if layer is None else min(max(int(layer), 0), num_layers - 1)
+    if num_layers == 1:
+        st.caption("Layer 0 (the model has one block)")
+        return 0
+    layer = st.slider(label, 0, num_layers - 1, key="layer")
+    st.query_params["layer"] = str(layer)
+    return layer
+
+
+def image_picker(request: data.Request, label: str = "Image") -> str:
+    state = st.session_state
+    if state.get("focus_image") not in request.images:
+        state["focus_image"] = request.images[0]
+    if len(request.images) == 1:
+        return request.images[0]
+    return st.selectbox(label, list(request.images), format_func=data.image_label, key="focus_image")
+
+
+def chart(fig: go.Figure, key: str, **kwargs):
+    """Draw a figure with the download button configured for the sidebar's format."""
+    config = dict(figures.DOWNLOAD_CONFIG)
+    config["toImageButtonOptions"] = dict(config["toImageButtonOptions"], format=st.session_state.get("figure_format", "png"),
+                                          filename=key)
+    return st.plotly_chart(fig, key=key, config=config, theme=None, **kwargs)
+
+
+def download_table(table: figures.Table, file_name: str, label: str = "Numbers (CSV)", key: str | None = None) -> None:
+    st.download_button(label, table.to_csv, file_name=file_name, mime="text/csv", on_click="ignore", key=key or f"dl-{file_name}")
+
+
+def download_npz(make: Callable[[], bytes], file_name: str, label: str = "Arrays (NPZ)") -> None:
+    st.download_button(label, make, file_name=file_name, mime="application/octet-stream", on_click="ignore", key=f"dl-{file_name}")

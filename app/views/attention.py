@@ -1,0 +1,48 @@
+"""Attention: where CLS and each register look, per head or averaged, and CLS's attention on outliers."""
+import streamlit as st
+
+import data
+import figures
+import ui
+
+st.title("Attention")
+st.caption("Attention of the CLS token and of each register over the patches, laid over the image; outlier cells "
+           "outlined. Without registers CLS attends to the outliers; with them, the registers take that role.")
+request = ui.page_request()
+result = ui.fetch(data.captured, request)
+ui.notes(result)
+
+heads = min(run.num_heads for run in result.runs)
+st.session_state.setdefault("opacity", 0.6)
+if st.session_state.get("head") not in ["mean", *range(heads)]:
+    st.session_state["head"] = "mean"
+controls = st.columns([4, 2, 2, 3])
+with controls[0]:
+    layer = ui.layer_slider(result.num_layers)
+with controls[1]:
+    head = st.selectbox("Head", ["mean", *range(heads)], key="head",
+                        format_func=lambda h: "mean over heads" if h == "mean" else f"head {h}")
+with controls[2]:
+    opacity = st.slider("Opacity", 0.0, 1.0, step=0.05, key="opacity")
+with controls[3]:
+    ref = ui.image_picker(request)
+
+view = ui.fetch(data.attention, request, ref, layer, None if head == "mean" else head, ui.threshold())
+if not any(panel.num_registers for panel in view.panels):
+    names = ", ".join(run.choice.name for run in result.runs)
+    st.info(f"{names} has no register tokens, so only CLS attention is shown. Choose a model with registers "
+            "(for example dinov2_vits14_reg4) to see what registers attend to.")
+overlays = [overlay for panel in view.panels for overlay in panel.overlays]
+ui.chart(figures.overlay_grid(overlays, opacity, columns=min(3, len(overlays)), colorbar=overlays[0].colorbar,
+                              height_per_row=380), key="attention-maps")
+st.caption(" · ".join(f"**{panel.label}**: {panel.num_registers} registers" for panel in view.panels)
+           + ". One colour scale for all maps (attention is a share of the query's total).")
+
+st.subheader("CLS attention on outlier tokens")
+masses = [(panel.label, panel.cls_mass) for panel in view.panels if panel.cls_mass is not None]
+if masses:
+    ui.chart(figures.cls_attention_figure(masses, layer), key="cls-mass")
+    st.caption("Dotted: the share of patches that are outliers. Attention far above that share means CLS reads the outliers.")
+else:
+    st.info("This model has no class token, so there is no CLS attention to measure.")
+ui.download_table(view.table, f"attention_{data.image_name(ref)}_layer{layer}.csv")

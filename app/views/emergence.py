@@ -1,0 +1,26 @@
+"""Layer emergence: per layer, how many outliers there are and how large the norms get."""
+import streamlit as st
+
+import data
+import figures
+import ui
+
+st.title("Layer emergence")
+st.caption("Outliers appear in the middle layers of large models and stay to the last block. Top: outlier share "
+           "of patch tokens per layer; bottom: max (solid) and median (dotted) patch-token norm, log scale.")
+request = ui.page_request()
+result = ui.fetch(data.captured, request)
+ui.notes(result)
+
+options = ["all"] + list(request.images)
+if st.session_state.get("emergence_scope") not in options:
+    st.session_state["emergence_scope"] = "all"
+scope = st.selectbox("Images", options, key="emergence_scope",
+                     format_func=lambda ref: f"all {len(request.images)} selected images" if ref == "all" else data.image_label(ref))
+
+view = ui.fetch(data.emergence, request, None if scope == "all" else scope, ui.threshold())
+for column, curve in zip(st.columns(len(view.curves)), view.curves):
+    first = "none" if curve.first_layer is None else f"layer {curve.first_layer}"
+    column.metric(curve.label, f"first outliers: {first}", f"max {int(curve.count.max())} tokens in a layer", delta_color="off", delta_arrow="off")
+ui.chart(figures.emergence_figure(view.curves), key="emergence")
+ui.download_table(view.table, "emergence.csv")

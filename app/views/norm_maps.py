@@ -1,0 +1,41 @@
+"""Norm maps: each patch token's norm at one layer over the image, outliers outlined, models side by side."""
+import streamlit as st
+
+import data
+import figures
+import ui
+
+st.title("Norm maps")
+st.caption("Each cell is one patch token; its colour is the token's L2 norm after the chosen block. High-norm "
+           "outliers (outlined) are the artifact tokens; the model with registers should have none.")
+request = ui.page_request()
+result = ui.fetch(data.captured, request)
+ui.notes(result)
+
+st.session_state.setdefault("opacity", 0.6)
+st.session_state.setdefault("post_norm", False)
+controls = st.columns([4, 3, 3, 3])
+with controls[0]:
+    layer = ui.layer_slider(result.num_layers)
+with controls[1]:
+    post_norm = st.toggle("After the final norm (post-final-norm)", key="post_norm",
+                          help="Off: the residual stream after the block (pre-final-norm), where outliers live. "
+                               "On: the model's normalised output, where they no longer stand out.")
+with controls[2]:
+    opacity = st.slider("Heat-map opacity", 0.0, 1.0, step=0.05, key="opacity")
+with controls[3]:
+    ref = ui.image_picker(request)
+
+maps = ui.fetch(data.norm_maps, request, ref, layer, post_norm, ui.threshold())
+for index, (column, overlay) in enumerate(zip(st.columns(len(maps.overlays)), maps.overlays)):
+    with column:
+        ui.chart(figures.overlay_figure(overlay, opacity), key=f"norm-map-{index}")
+if post_norm:
+    st.info("After the final LayerNorm every token has a similar norm, so the outliers hide: this is why reading "
+            "`get_intermediate_layers(norm=True)` shows no artifacts. The layer slider does not apply here.")
+
+downloads = st.columns(3)
+with downloads[0]:
+    ui.download_table(maps.table, f"norm_map_{data.image_name(ref)}_{'post' if post_norm else f'layer{layer}'}.csv")
+with downloads[1]:
+    ui.download_npz(lambda: data.trace_npz(request), "vitlens_traces.npz", "All captured arrays (NPZ)")
