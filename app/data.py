@@ -505,19 +505,36 @@ def compute_traces(
         options: CaptureOptions,
         progress: Callable[[int, int], None] | None = None,
 ) -> list[Trace]:
-    """Every forward pass of the app goes through here (the place to route captures to a worker).
+    """Every forward pass of the app goes through here.
+
+    ``embedded`` mode (default) runs the captures on this process's ``Engine``; ``hosted`` mode
+    queues them for ``python -m vitlens worker`` through ``vitlens.client`` (weights files by name).
 
     Raises:
         VitlensError: bad model, weights, option or hub; ``CaptureFailed`` when the model cannot be read.
     """
     try:
-        results = engine().traces(images, model, weights_path(weights), options, progress=progress)
+        if settings().mode == "hosted":
+            results = _hosted_traces(images, model, weights, options, progress)
+        else:
+            results = engine().traces(images, model, weights_path(weights), options, progress=progress)
     except VitlensError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as error:  # a model vitlens cannot hook
         detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise CaptureFailed(f"vitlens cannot capture '{model}': {detail}") from error
     return [result.trace for result in results]
+
+
+def _hosted_traces(images, model, weights, options, progress):
+    from vitlens.client import get_client
+
+    if weights.startswith(WEIGHTS_UPLOAD_PREFIX):
+        raise WeightsError("Uploaded weights files work only when the app runs its own captures (VITLENS_MODE=embedded); "
+                           "put the file in the weights folder instead.")
+    name = weights[len(WEIGHTS_FILE_PREFIX):] if weights.startswith(WEIGHTS_FILE_PREFIX) else weights
+    report = (lambda status: progress(status.done, max(status.total, 1))) if progress else None
+    return get_client(settings()).compute_traces(images, model, name, options, report)
 
 
 def _capture(request: Request, state_layers: tuple[int, ...], job: Job) -> Captured:

@@ -260,9 +260,10 @@ def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 620) -> go.
         fig.add_trace(go.Scatter(x=layers, y=curve.norm_median, mode="lines", name=f"{curve.label}: median",
                                  legendgroup=curve.label, line=dict(color=colour, dash="dot")), row=2, col=1)
         if curve.first_layer is not None:
-            fig.add_vline(x=curve.first_layer, line=dict(color=colour, dash="dash"),
+            fig.add_vline(x=curve.first_layer, line=dict(color=colour, dash="dash"), row=1, col=1,
                           annotation=dict(text=f"first outliers: layer {curve.first_layer}", font=dict(color=colour),
-                                          yanchor="top", y=1 - 0.06 * index))
+                                          yanchor="top", y=1 - 0.08 * index))
+            fig.add_vline(x=curve.first_layer, line=dict(color=colour, dash="dash"), row=2, col=1)
     depth = max(c.count.size for c in curves)
     fig.update_xaxes(range=[-0.5, depth - 0.5], dtick=1 if depth <= 24 else 2)
     fig.update_xaxes(title_text="layer (block index, 0-based)", row=2, col=1)

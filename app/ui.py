@@ -255,6 +255,9 @@ def _on_upload() -> None:
             state["my_uploads"].append(ref)
     state["images"] = refs
     state["upload_errors"] = errors
+    new = [ref for ref in refs if ref in state.get("my_uploads", [])]
+    if new:
+        state["focus_image"] = new[-1]  # show the latest upload on the per-image pages
 
 
 def _image_controls() -> list[str]:

@@ -17,8 +17,8 @@ from timm.models import register_model
 from vitlens.capture import Trace
 from vitlens.layout import TokenLayout
 
-TINY = "vitlens_test_tiny"
-TINY_REG = "vitlens_test_tiny_reg4"
+TINY = "vitlens_test_tiny_patch14_dinov2"  # named like timm's DINOv2 ViTs, so the app pairs them
+TINY_REG = "vitlens_test_tiny_patch14_reg4_dinov2"
 TINY_SIDE = 112  # the tiny models' native input: grid 8 x 8
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app"
@@ -75,14 +75,14 @@ def register_tiny_models() -> None:
             kwargs.pop(key, None)
         return {"depth": 6, "embed_dim": 64, "num_heads": 4, "img_size": TINY_SIDE, **kwargs}
 
-    def vitlens_test_tiny(pretrained: bool = False, **kwargs):
+    def vitlens_test_tiny_patch14_dinov2(pretrained: bool = False, **kwargs):
         return vit_small_patch14_dinov2(pretrained=False, **tiny_args(kwargs))
 
-    def vitlens_test_tiny_reg4(pretrained: bool = False, **kwargs):
+    def vitlens_test_tiny_patch14_reg4_dinov2(pretrained: bool = False, **kwargs):
         return vit_small_patch14_reg4_dinov2(pretrained=False, **tiny_args(kwargs))
 
-    register_model(vitlens_test_tiny)
-    register_model(vitlens_test_tiny_reg4)
+    register_model(vitlens_test_tiny_patch14_dinov2)
+    register_model(vitlens_test_tiny_patch14_reg4_dinov2)
 
 
 def planted_weights(path: Path, name: str, cells, layer: int) -> Path:

@@ -1,0 +1,284 @@
+"""The dashboard under streamlit's AppTest: every page runs, widgets change what is shown, nothing crashes.
+
+Most tests use the tiny DINOv2-style pair (6 blocks, grid 8x8 at 112 px): the model without
+registers loads a weights file with outliers planted at known cells from block 3, the one with
+registers a clean file. One test opens the real default (ViT-S/14 pair) to check the offline
+hub message and the random-weights fallback.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from streamlit.testing.v1 import AppTest
+
+from app_fixtures import APP, TINY, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models
+from conftest import PLANTED_CELLS, PLANTED_LAYER
+from vitlens.models import load_model
+
+TIMEOUT = 180
+PAGES = ["views/norm_maps.py", "views/histogram.py", "views/emergence.py", "views/attention.py",
+         "views/embedding.py", "views/about.py"]
+TITLES = ["Norm maps", "Norm histogram", "Layer emergence", "Attention", "Token embedding", "About / how to read"]
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch):
+    """A weights folder with the planted tiny model and a clean tiny model with registers."""
+    register_tiny_models()
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    planted_weights(folder / "tiny_planted.safetensors", TINY, PLANTED_CELLS, PLANTED_LAYER)
+    clean = load_model(TINY_REG, "random").model
+    save_file({key: value.contiguous() for key, value in clean.state_dict().items()}, str(folder / "tiny_reg4.safetensors"))
+    monkeypatch.setenv("VITLENS_WEIGHTS_DIR", str(folder))
+    return folder
+
+
+def _app(**params) -> AppTest:
+    at = AppTest.from_file(str(APP / "main.py"), default_timeout=TIMEOUT)
+    at.query_params.update(params)
+    return at
+
+
+def _planted_app(weights_dir, **params) -> AppTest:
+    """The tiny pair on an uploaded square picture (its grid is the models' own 8x8)."""
+    query = dict(model=TINY, weights="file:tiny_planted.safetensors", pair_weights="file:tiny_reg4.safetensors",
+                 side=str(TINY_SIDE), images="cat", layer="4")
+    at = _app(**{**query, **params}).run()
+    at.file_uploader(key="image_uploads").set_value(("square.png", png_bytes(), "image/png"))
+    at.run()
+    uploads = [ref for ref in at.multiselect(key="images").value if ref.startswith("upload-")]
+    return at.multiselect(key="images").set_value(uploads).run()  # only the square picture
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _figures(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def _outlined(figure: dict) -> set[tuple[int, int]]:
+    cells = set()
+    for trace in figure["data"]:
+        if trace.get("name") == "outlier cells":
+            xs, ys = trace["x"], trace["y"]
+            for start in range(0, len(xs), 6):
+                cells.add((round(sum(ys[start:start + 4]) / 4), round(sum(xs[start:start + 4]) / 4)))
+    return cells
+
+
+def _array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array ``{"dtype", "bdata"}`` (base64)."""
+    if isinstance(value, dict):
+        import base64
+
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+    return np.asarray(value)
+
+
+def _title(figure: dict) -> str:
+    return figure["layout"]["title"]["text"]
+
+
+def test_every_page_opens_offline_on_the_default_model():
+    at = _app(images="cat", side="112").run()
+    _ok(at)
+    assert at.title[0].value == "Norm maps"
+    warning = at.warning[0].value
+    assert "random weights: no artifacts expected" in warning
+    assert "python -m vitlens fetch dinov2_vits14_reg4" in warning and "python -m vitlens fetch dinov2_vits14" in warning
+    titles = [_title(f) for f in _figures(at)]
+    assert len(titles) == 2 and "dinov2_vits14_reg4 (random weights: no artifacts expected)" in titles[0]
+    for page, title in zip(PAGES[1:], TITLES[1:]):
+        at.switch_page(page).run()
+        _ok(at)
+        assert at.title[0].value == title
+    assert at.markdown and "Vision Transformers Need Registers" in at.markdown[0].value
+
+
+def test_norm_maps_outline_the_planted_cells_and_follow_layer_and_post_norm(weights_dir):
+    at = _planted_app(weights_dir)
+    _ok(at)
+    planted, clean = _figures(at)
+    assert "vitlens_test_tiny_patch14_dinov2 (tiny_planted.safetensors)" in _title(planted)
+    assert _outlined(planted) == set(PLANTED_CELLS)
+    assert _outlined(clean) == set()
+    assert planted["layout"]["xaxis"]["range"] == [-0.5, 7.5] and planted["layout"]["yaxis"]["range"] == [7.5, -0.5]
+    colourbars = [t["marker"]["colorbar"]["title"]["text"] for t in planted["data"] if t.get("marker", {}).get("showscale")]
+    assert colourbars == ["token norm (pre-final-norm)"]
+
+    at.slider(key="layer").set_value(PLANTED_LAYER - 1).run()  # before the planted block: no outliers
+    _ok(at)
+    assert _outlined(_figures(at)[0]) == set()
+    assert at.query_params["layer"] == str(PLANTED_LAYER - 1)
+
+    at.toggle(key="post_norm").set_value(True).run()
+    _ok(at)
+    planted = _figures(at)[0]
+    colourbars = [t["marker"]["colorbar"]["title"]["text"] for t in planted["data"] if t.get("marker", {}).get("showscale")]
+    assert colourbars == ["token norm (post-final-norm)"] and "after the final norm" in _title(planted)
+
+    at.slider(key="opacity").set_value(0.25).run()
+    assert _figures(at)[0]["data"][0]["opacity"] == 0.25
+
+
+def test_histogram_counts_follow_the_threshold(weights_dir):
+    at = _planted_app(weights_dir)
+    at.switch_page("views/histogram.py").run()
+    _ok(at)
+    values = [m.value for m in at.metric]
+    assert values[0] == "3 outliers" and values[1] == "0 outliers"  # planted model, clean model with registers
+    figure = _figures(at)[0]
+    assert [t["type"] for t in figure["data"]] == ["bar", "bar"]
+    assert _array(figure["data"][0]["y"]).sum() == 64  # the upload's 8x8 grid
+
+    at.checkbox(key="threshold_auto").set_value(False).run()
+    at.number_input(key="threshold_value").set_value(1e6).run()
+    _ok(at)
+    assert [m.value for m in at.metric] == ["0 outliers", "0 outliers"]
+    assert "threshold=1e%2B06" in _query_string(at) or at.query_params["threshold"] == "1e+06"
+    lines = [s for s in _figures(at)[0]["layout"]["shapes"] if s["type"] == "line"]
+    assert {s["x0"] for s in lines} == {1e6}
+
+
+def test_emergence_marks_the_planted_layer(weights_dir):
+    at = _planted_app(weights_dir)
+    at.switch_page("views/emergence.py").run()
+    _ok(at)
+    assert [m.value for m in at.metric] == [f"first outliers: layer {PLANTED_LAYER}", "first outliers: none"]
+    upload = at.multiselect(key="images").value[0]
+    at.selectbox(key="emergence_scope").set_value(upload).run()
+    _ok(at)
+    figure = _figures(at)[0]
+    assert any(f"first outliers: layer {PLANTED_LAYER}" in a.get("text", "") for a in figure["layout"]["annotations"])
+
+
+def test_attention_shows_cls_and_each_register(weights_dir):
+    at = _planted_app(weights_dir)
+    at.switch_page("views/attention.py").run()
+    _ok(at)
+    maps, mass = _figures(at)
+    titles = [a["text"] for a in maps["layout"]["annotations"]]
+    assert len(titles) == 6 and "<b>cls</b>" in titles[0] and "<b>reg3</b>" in titles[5]
+    assert _outlined({"data": [t for t in maps["data"] if t.get("xaxis") == "x"]}) == set(PLANTED_CELLS)
+    assert "CLS attention at layer 4" in [a["text"] for a in mass["layout"]["annotations"]]
+    at.selectbox(key="head").set_value(1).run()
+    _ok(at)
+    assert "head 1" in _figures(at)[0]["layout"]["coloraxis"]["colorbar"]["title"]["text"]
+
+
+def test_a_model_without_registers_in_the_attention_view_says_so(weights_dir):
+    at = _app(model=TINY, weights="random", compare="0", side=str(TINY_SIDE), images="cat").run()
+    at.switch_page("views/attention.py").run()
+    _ok(at)
+    assert "has no register tokens" in at.info[0].value
+    assert len(_figures(at)[0]["layout"]["annotations"]) == 1  # CLS only
+
+
+def test_embedding_colours_planted_outliers_and_a_click_shows_the_cell(weights_dir):
+    at = _planted_app(weights_dir)
+    at.switch_page("views/embedding.py").run()
+    _ok(at)
+    figure = _figures(at)[0]
+    outliers = [t for t in figure["data"] if t["name"] == "outlier patch"][0]
+    cells = {(int(c[1]), int(c[2])) for c in outliers["customdata"] if c[4] == "square.png"}
+    assert cells == set(PLANTED_CELLS)
+    assert [t["name"] for t in figure["data"]][:3] == ["normal patch", "outlier patch", "CLS"]
+    at.radio(key="embed_model").set_value(1).run()
+    _ok(at)
+    assert "registers" in [t["name"] for t in _figures(at)[0]["data"]]
+
+
+@pytest.mark.slow
+def test_umap_runs_in_the_background_and_then_shows(weights_dir):
+    at = _planted_app(weights_dir)
+    at.switch_page("views/embedding.py").run()
+    at.radio(key="embed_method").set_value("umap").run(timeout=300)
+    _ok(at)
+    figure = _figures(at)[-1]
+    assert figure["layout"]["xaxis"]["title"]["text"] == "UMAP 1"
+
+
+def test_bad_upload_gives_one_sentence_and_the_good_one_works(weights_dir):
+    at = _app(model=TINY, weights="random", side=str(TINY_SIDE), images="cat").run()
+    at.file_uploader(key="image_uploads").set_value([("broken.png", b"\x89PNG\r\n\x1a\n not really", "image/png"),
+                                                    ("good.png", png_bytes(seed=3), "image/png")])
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["'broken.png' is not an image file vitlens can read."]
+    assert len(at.multiselect(key="images").value) == 2
+    assert len(_figures(at)) == 2
+
+
+@pytest.mark.parametrize("name, message", [("no_such_vit", "Unknown model 'no_such_vit'"),
+                                           ("resnet18", "not a Vision Transformer")])
+def test_unknown_or_unsupported_model_gives_one_message(name, message):
+    at = _app(model=name, weights="random", side="112", images="cat").run()
+    assert not at.exception
+    assert len(at.error) >= 1 and any(message in e.value for e in at.error)
+    at.switch_page("views/histogram.py").run()
+    assert not at.exception and any(message in e.value for e in at.error)
+
+
+def test_local_files_need_a_weights_folder():
+    at = _app(model=TINY, weights="file:x.safetensors", side="112", images="cat").run()
+    assert not at.exception
+    assert any("VITLENS_WEIGHTS_DIR" in e.value for e in at.error)
+
+
+def test_state_follows_the_user_across_pages_and_into_the_url(weights_dir):
+    at = _planted_app(weights_dir, layer="2")
+    assert at.slider(key="layer").value == 2
+    at.slider(key="layer").set_value(5).run()
+    at.switch_page("views/emergence.py").run()  # a page without a layer slider
+    at.switch_page("views/attention.py").run()
+    _ok(at)
+    assert at.slider(key="layer").value == 5
+    params = at.query_params
+    assert params["layer"] == "5" and params["model"] == TINY and params["weights"] == "file:tiny_planted.safetensors"
+    assert params["images"].startswith("upload-") and "," not in params["images"]
+
+    teammate = _app(**{k: v for k, v in params.items()})  # same server: the upload is still in memory
+    teammate.run()
+    _ok(teammate)
+    assert teammate.slider(key="layer").value == 5
+    assert teammate.multiselect(key="images").value == params["images"].split(",")
+
+
+def test_cancelled_capture_says_so_and_runs_again(weights_dir):
+    import sys
+
+    sys.path.insert(0, str(APP))
+    import data
+
+    board = data.JobBoard()
+    started = __import__("threading").Event()
+
+    def slow(job):
+        started.set()
+        for step in range(200):
+            job.report(step, 200, "working")
+            __import__("time").sleep(0.01)
+        return "done"
+
+    job = board.run("k", "slow work", slow)
+    with pytest.raises(data.Pending):
+        board.result(job)
+    started.wait(5)
+    job.cancel()
+    job.future.exception(timeout=10)
+    with pytest.raises(data.Cancelled, match="slow work"):
+        board.result(job)
+    assert board.run("k", "slow work", slow) is job  # kept until the user asks again
+    board.forget("k")
+    again = board.run("k", "quick", lambda job: 42)
+    assert again is not job and again.future.result(timeout=10) == 42 and board.result(again) == 42
+
+
+def _query_string(at: AppTest) -> str:
+    return "&".join(f"{k}={v}" for k, v in at.query_params.items())

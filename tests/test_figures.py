@@ -1,0 +1,165 @@
+"""Figure builders (app/figures.py): shapes, axis ranges, outlines at the right cells, labels."""
+import sys
+
+import numpy as np
+import pytest
+
+from app_fixtures import APP, synthetic_trace
+
+sys.path.insert(0, str(APP))
+import figures  # noqa: E402
+from figures import EmergenceCurve, NormHistogram, Overlay, Table  # noqa: E402
+from vitlens.analysis.attention import cls_outlier_attention  # noqa: E402
+from vitlens.analysis.embedding import token_embedding  # noqa: E402
+from vitlens.analysis.outliers import layer_outliers  # noqa: E402
+
+CELLS = [(0, 1), (2, 3), (1, 0)]
+
+
+def _mask(shape=(3, 4), cells=CELLS) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    for row, col in cells:
+        mask[row, col] = True
+    return mask
+
+
+def _outlined_cells(trace) -> set[tuple[int, int]]:
+    """Centres of the closed squares of an outline trace, as (row, col)."""
+    xs, ys = list(trace.x), list(trace.y)
+    cells = set()
+    for start in range(0, len(xs), 6):
+        square_x, square_y = xs[start:start + 5], ys[start:start + 5]
+        assert xs[start + 5] is None and square_x[0] == square_x[-1] and square_y[0] == square_y[-1]
+        assert max(square_x) - min(square_x) == 1 and max(square_y) - min(square_y) == 1
+        cells.add((int(np.mean(square_y[:4])), int(np.mean(square_x[:4]))))
+    return cells
+
+
+def _trace_named(fig, name):
+    return [t for t in fig.data if t.name == name]
+
+
+def test_overlay_outlines_exactly_the_outlier_cells():
+    values = np.arange(12, dtype=float).reshape(3, 4)
+    overlay = Overlay("m", values, image=figures.image_uri(_picture()), mask=_mask())
+    fig = figures.overlay_figure(overlay, opacity=0.4)
+    heat = fig.data[0]
+    assert heat.type == "heatmap" and np.asarray(heat.z).shape == (3, 4)
+    assert heat.opacity == 0.4
+    assert "row %{y}, col %{x}" in heat.hovertemplate and "norm" in heat.hovertemplate
+    (outline,) = _trace_named(fig, "outlier cells")
+    assert _outlined_cells(outline) == set(CELLS)
+    assert outline.line.color == figures.OUTLINE
+
+
+def test_overlay_axes_are_cells_with_row_zero_on_top():
+    fig = figures.overlay_figure(Overlay("m", np.zeros((5, 7))))
+    assert list(fig.layout.xaxis.range) == [-0.5, 6.5]
+    assert list(fig.layout.yaxis.range) == [4.5, -0.5]
+    assert fig.layout.yaxis.scaleanchor == "x"
+    assert not _trace_named(fig, "outlier cells")  # no mask, no outline
+
+
+def test_overlay_background_spans_the_grid_and_colourbar_names_the_norm():
+    overlay = Overlay("m", np.ones((2, 3)), image=figures.image_uri(_picture()), colorbar=figures.norm_label(True))
+    fig = figures.overlay_figure(overlay)
+    (background,) = fig.layout.images
+    assert (background.x, background.y, background.sizex, background.sizey) == (-0.5, -0.5, 3, 2)
+    assert background.source.startswith("data:image/jpeg;base64,")
+    bar = [t for t in fig.data if t.type == "scatter" and t.marker.showscale]
+    assert bar[0].marker.colorbar.title.text == "token norm (post-final-norm)"
+    assert figures.norm_label(False) == "token norm (pre-final-norm)"
+
+
+def test_image_uri_caps_the_size():
+    import base64
+    import io
+
+    from PIL import Image
+
+    uri = figures.image_uri(_picture(1000, 500), max_side=200)
+    decoded = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert decoded.size == (200, 100)
+
+
+def test_overlay_grid_one_panel_per_map_on_one_colour_scale():
+    overlays = [Overlay(f"q{i}", np.full((3, 4), float(i)), mask=_mask(cells=[(i, i)])) for i in range(3)]
+    fig = figures.overlay_grid(overlays, columns=2, colorbar="attention")
+    heats = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heats) == 3 and {h.coloraxis for h in heats} == {"coloraxis"}
+    assert fig.layout.coloraxis.colorbar.title.text == "attention"
+    outlines = _trace_named(fig, "outlier cells")
+    assert [_outlined_cells(o) for o in outlines] == [{(0, 0)}, {(1, 1)}, {(2, 2)}]
+    assert [o.xaxis for o in outlines] == ["x", "x2", "x3"]
+    assert list(fig.layout.yaxis3.range) == [2.5, -0.5]
+    assert len(fig.layout.images) == 0
+
+
+def test_histogram_counts_every_token_and_draws_each_threshold():
+    rng = np.random.default_rng(0)
+    plain = NormHistogram("plain", np.concatenate([rng.normal(20, 2, 980), rng.normal(200, 10, 20)]), threshold=100.0)
+    regs = NormHistogram("reg4", rng.normal(20, 2, 1000), threshold=None)
+    fig = figures.histogram_figure([plain, regs], log_y=True, bins=40)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert [b.name for b in bars] == ["plain", "reg4"]
+    assert all(sum(b.y) == 1000 for b in bars)
+    edges = np.asarray(bars[0].customdata)
+    assert edges.shape == (40, 2) and np.allclose(edges[1:, 0], edges[:-1, 1])
+    (line,) = [shape for shape in fig.layout.shapes if shape.type == "line"]
+    assert line.x0 == line.x1 == 100.0
+    assert "20 outliers (2.0%)" in fig.layout.annotations[0].text
+    assert fig.layout.yaxis.type == "log"
+    low, high = fig.layout.xaxis.range
+    assert low < plain.norms.min() and high > plain.norms.max()
+    assert plain.count == 20 and plain.fraction == pytest.approx(0.02) and regs.count == 0
+    assert figures.histogram_figure([regs], log_y=False).layout.yaxis.type == "linear"
+
+
+def test_emergence_marks_the_first_outlier_layer_of_each_model():
+    curves = [EmergenceCurve("plain", np.array([0, 0, 3, 5]), np.array([0, 0, 0.1, 0.2]), np.ones(4) * 50, np.ones(4) * 5),
+              EmergenceCurve("reg4", np.zeros(4, int), np.zeros(4), np.ones(4) * 9, np.ones(4) * 5)]
+    assert curves[0].first_layer == 2 and curves[1].first_layer is None
+    fig = figures.emergence_figure(curves)
+    lines = [shape for shape in fig.layout.shapes if shape.type == "line"]
+    assert [(line.x0, line.x1, line.xref) for line in lines] == [(2, 2, "x"), (2, 2, "x2")]  # both panels
+    assert [a.text for a in fig.layout.annotations if "first outliers" in a.text] == ["first outliers: layer 2"]
+    share = [t for t in fig.data if t.name == "plain"][0]
+    assert list(share.y) == [0, 0, 10, 20]
+    assert list(fig.layout.xaxis2.range) == [-0.5, 3.5]
+    assert fig.layout.yaxis2.type == "log"
+
+
+def test_cls_attention_figure_shows_masses_in_percent():
+    trace = synthetic_trace(outliers={1: [(1, 2)]})
+    mass = cls_outlier_attention(trace, layer_outliers(trace), head=0)
+    fig = figures.cls_attention_figure([("plain", mass)], layer=1)
+    on_outliers = [t for t in fig.data if t.name == "plain: attention on outliers"][0]
+    assert list(on_outliers.y) == pytest.approx([0, 50, 0], abs=1e-4)
+    bars = [t for t in fig.data if t.type == "bar"][0]
+    assert list(bars.y) == pytest.approx([50, 50 - 100 * mass.prefix_mass[1], 100 * mass.prefix_mass[1]], abs=1e-3)
+
+
+def test_embedding_points_carry_image_and_cell():
+    traces = [synthetic_trace(outliers={2: [(0, 1)]}, seed=0), synthetic_trace(outliers={2: [(2, 3)]}, seed=1)]
+    result = token_embedding(traces, layer=2)
+    fig = figures.embedding_figure(result, ["a.png", "b.png"], highlight=(1, 2, 3))
+    names = [t.name for t in fig.data]
+    assert names == ["normal patch", "outlier patch", "CLS", "registers", "selected"]
+    outlier = fig.data[1]
+    assert sorted((c[4], int(c[1]), int(c[2])) for c in outlier.customdata) == [("a.png", 0, 1), ("b.png", 2, 3)]
+    assert len(fig.data[0].x) == 22 and len(fig.data[2].x) == 2 and len(fig.data[3].x) == 4
+    selected = fig.data[4]
+    index = np.flatnonzero((result.image == 1) & (result.row == 2) & (result.col == 3))[0]
+    assert (selected.x[0], selected.y[0]) == pytest.approx(tuple(result.coords[index]))
+    assert fig.layout.xaxis.title.text.startswith("PC1")
+
+
+def test_table_csv_quotes_names():
+    table = Table(["image", "norm", "outlier"], [["a, b.png", 1.23456789, True], ["c.png", None, False]])
+    assert table.to_csv() == 'image,norm,outlier\n"a, b.png",1.23457,True\nc.png,,False\n'
+
+
+def _picture(width: int = 40, height: int = 30):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
