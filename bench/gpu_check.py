@@ -35,6 +35,7 @@ from vitlens.capture import PRECISIONS, capture  # noqa: E402
 from vitlens.models import LoadedModel, ModelSpec, weights_fingerprint  # noqa: E402
 
 ARCHS = {"ViT-L/14": "vit_large_patch14_dinov2", "ViT-g/14": "vit_giant_patch14_dinov2"}
+LAYER_SCALE = 1.0
 TINY_ARGS = dict(depth=2, embed_dim=96, num_heads=2)  # 96: the giant SwiGLU width 96 * 8/3 is whole
 
 
@@ -59,7 +60,7 @@ def main() -> int:
     batches = {"ViT-L/14": 2, "ViT-g/14": 2} if args.tiny else {"ViT-L/14": args.batch_large, "ViT-g/14": args.batch_giant}
     started = time.monotonic()
     print(f"device {_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}, side {side}px, "
-          f"random weights, fp32 matmul precision '{torch.get_float32_matmul_precision()}'", flush=True)
+          f"random weights (layer scale {LAYER_SCALE}), fp32 matmul precision '{torch.get_float32_matmul_precision()}'", flush=True)
     rows: list[Row] = []
     for label, arch in ARCHS.items():
         loaded = _build(arch, side, device, args.tiny)
@@ -102,11 +103,16 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _build(arch: str, side: int, device: torch.device, tiny: bool) -> LoadedModel:
-    """Random weights, built directly on the device (a 1.1B-parameter init on the CPU is slow)."""
+def _build(arch: str, side: int, device: torch.device, tiny: bool, layer_scale: float | None = LAYER_SCALE) -> LoadedModel:
+    """Random weights, built directly on the device (a 1.1B-parameter init on the CPU is slow).
+
+    Layer scale starts at ``layer_scale`` instead of timm's 1e-5, so every block adds to the
+    residual stream as in a trained model; at 1e-5 the blocks barely matter and half-precision
+    errors would look smaller than they are.
+    """
     torch.manual_seed(0)
     with torch.device(device):
-        model = timm.create_model(arch, pretrained=False, img_size=side, **(TINY_ARGS if tiny else {}))
+        model = timm.create_model(arch, pretrained=False, img_size=side, init_values=layer_scale, **(TINY_ARGS if tiny else {}))
     model.eval().requires_grad_(False)
     spec = ModelSpec(arch, arch, arch)
     # the fingerprint Engine expects for random weights, so it keeps this model instead of building its own

@@ -66,7 +66,7 @@ def main() -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="vitlens-load-"))
     settings = Settings(cache_dir=work / "cache", device="cpu", mode="hosted", poll_interval=0.05,
                         worker_lease=args.lease, worker_batch=args.batch, job_timeout=args.timeout,
-                        worker_wait=args.timeout)
+                        worker_wait=args.timeout, job_attempts=args.attempts)
     env = _env(settings)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -111,10 +111,13 @@ def main() -> int:
             app[0].send_signal(signal.SIGTERM)
             _wait(app[0])
         client.close()
+    if args.baseline:
+        report.update(_baseline(args))
     _print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     ok = report["unaccounted"] == 0 and report["jobs_unfinished"] == 0 and not report["failed_without_reason"]
+    ok = ok and report["outcomes"].get("error", 0) == 0
     ok = ok and (args.fault or report["outcomes"].get("done", 0) == args.sessions * args.requests)
     return 0 if ok else 1
 
@@ -130,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--lease", type=float, default=10.0, help="worker lease in seconds")
     parser.add_argument("--fault", action="store_true", help="SIGKILL a worker during a batch, then restart it")
+    parser.add_argument("--attempts", type=int, default=2, help="starts of a job before a crash fails it (VITLENS_JOB_ATTEMPTS)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="afterwards, time the same captures with Engine in this process (no queue, no app)")
     parser.add_argument("--restart-after", type=float, default=1.0, help="seconds between the kill and the restart")
     parser.add_argument("--no-app", dest="app", action="store_false", help="do not start the Streamlit server")
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on every wait, in seconds")
@@ -142,7 +148,8 @@ def _env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"VITLENS_CACHE_DIR": str(settings.cache_dir), "VITLENS_DEVICE": settings.device, "VITLENS_MODE": "hosted",
                 "VITLENS_POLL_INTERVAL": str(settings.poll_interval), "VITLENS_WORKER_LEASE": str(settings.worker_lease),
-                "VITLENS_WORKER_BATCH": str(settings.worker_batch), "PYTHONPATH": str(ROOT),
+                "VITLENS_WORKER_BATCH": str(settings.worker_batch), "VITLENS_JOB_ATTEMPTS": str(settings.job_attempts),
+                "PYTHONPATH": str(ROOT),
                 "HF_HUB_OFFLINE": "1"})
     return env
 
@@ -283,6 +290,25 @@ def _accounting(client: Client, settings: Settings) -> dict:
         "failed_reasons": sorted({message for state, _, message, *_ in rows if state == FAILED}),
         "jobs_per_batch": round(done / batches, 2) if batches else None,
     }
+
+
+def _baseline(args: argparse.Namespace) -> dict:
+    """The same captures straight through ``Engine`` in one process: per request, then all in one call."""
+    from vitlens.engine import Engine
+
+    requests = [[_image(s, r, i) for i in range(args.images)] for s in range(args.sessions) for r in range(args.requests)]
+    engine, options = Engine(None, device="cpu", max_batch=args.batch), CaptureOptions(side=args.side)
+    engine.traces(requests[0], args.model, "random", options)  # load the model
+    start = time.monotonic()
+    for images in requests:
+        engine.traces(images, args.model, "random", options)
+    one_by_one = time.monotonic() - start
+    start = time.monotonic()
+    engine.traces([image for images in requests for image in images], args.model, "random", options)
+    together = time.monotonic() - start
+    count = len(requests) * args.images
+    return {"baseline_engine_per_request_images_per_s": round(count / one_by_one, 2),
+            "baseline_engine_one_call_images_per_s": round(count / together, 2)}
 
 
 def _wait(process: subprocess.Popen) -> None:
