@@ -242,7 +242,8 @@ def _kill_and_restart(client: Client, workers: list[subprocess.Popen], env, logs
     index = next(i for i, process in enumerate(workers) if process.pid == victim_pid)
     workers[index].send_signal(signal.SIGKILL)
     workers[index].wait(30)
-    report["killed"] = {"worker": rows[0][1], "running_jobs": len(rows)}
+    report["killed"] = {"worker": rows[0][1], "its_running_jobs": sum(1 for _, worker in rows if worker == rows[0][1]),
+                        "all_running_jobs": len(rows)}
     time.sleep(args.restart_after)
     workers[index] = _start_worker(env, logs / f"worker{index}-restarted.log")
 
