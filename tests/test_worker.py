@@ -133,6 +133,10 @@ def test_cuda_out_of_memory_retries_with_smaller_batches(tmp_path: Path, monkeyp
     _drain(worker)
     assert worker.queue.status(job_id).state == DONE
     assert sizes == [4, 2, 1, 1, 1, 1]
+    sizes.clear()
+    _submit(worker, 5, 6)  # same model and input shape: starts at the size that fit
+    _drain(worker)
+    assert sizes == [1, 1]
 
 
 def test_cuda_out_of_memory_at_batch_one_fails_the_job_with_a_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,6 +51,7 @@ class Engine:
         self.max_batch = max_batch
         self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._models_lock = threading.Lock()
+        self._fits: dict[tuple, int] = {}  # (model, input shape, precision, states) -> batch size that fit after an OOM
 
     def model(self, name: str, weights: str = "hub") -> LoadedModel:
         """The loaded model, from the LRU when it is there with unchanged weights (evicting the oldest
@@ -121,8 +122,13 @@ class Engine:
             yield from self._capture_adaptive(loaded, tensors, indices, options)
 
     def _capture_adaptive(self, loaded: LoadedModel, tensors: list[torch.Tensor], indices: list[int], options: CaptureOptions):
-        """Capture in batches of ``max_batch``, halving the batch after a CUDA out-of-memory error."""
-        batch_size, start = self.max_batch, 0
+        """Capture in batches of ``max_batch``, halving the batch after a CUDA out-of-memory error.
+
+        The size that fit is remembered per model, input shape and precision, so later requests
+        start there instead of running out of memory again.
+        """
+        fit = (loaded.key, tuple(tensors[indices[0]].shape), options.precision, tuple(options.state_layers))
+        batch_size, start = min(self.max_batch, self._fits.get(fit, self.max_batch)), 0
         while start < len(indices):
             batch = indices[start:start + batch_size]
             try:
@@ -133,6 +139,7 @@ class Engine:
                     raise
                 torch.cuda.empty_cache()
                 batch_size //= 2
+                self._fits[fit] = batch_size  # later batches of this model and input start here, not at max_batch
                 continue
             start += len(batch)
             yield batch, traces
