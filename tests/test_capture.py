@@ -276,3 +276,21 @@ def test_layout_refuses_an_inconsistent_model(tiny_vit):
     model.num_prefix_tokens = 3
     with pytest.raises(ValueError):
         TokenLayout.from_model(model, (4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_capture_matches_the_cpu(tiny_model, pixels, precision):
+    x = pixels(tiny_model, seed=11, batch=3)
+    expected = capture(tiny_model, x)
+    on_gpu = dataclasses.replace(tiny_model, model=copy.deepcopy(tiny_model.model).cuda())
+    for _ in range(2):  # the second pass reuses cached pinned buffers and streams
+        traces = capture(on_gpu, x, precision=precision, state_layers=(1,))
+    tolerance = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=3e-2, atol=2e-2)
+    for trace, reference in zip(traces, expected):
+        assert trace.attention.dtype == np.float32 and trace.norms.dtype == np.float32
+        np.testing.assert_allclose(trace.norms, reference.norms, **tolerance)
+        np.testing.assert_allclose(trace.final_norms, reference.final_norms, **tolerance)
+        np.testing.assert_allclose(trace.attention, reference.attention, **tolerance)
+        np.testing.assert_allclose(trace.attention.sum(-1), 1.0, atol=1e-4)
+    assert _hook_count(on_gpu.model) == 0
