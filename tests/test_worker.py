@@ -162,9 +162,10 @@ def test_worker_precision_applies_to_every_job(tmp_path: Path) -> None:
 def test_two_worker_processes_never_run_the_same_job(tmp_path: Path) -> None:
     settings = job_settings(tmp_path, worker_batch=1)
     worker = Worker(settings)  # used only for its queue and store
-    ids = [_submit(worker, seed) for seed in range(16)]
     processes = [start_worker(settings, 0.05, log=tmp_path / f"worker{i}.log") for i in range(2)]
     try:
+        wait_for(lambda: len(worker.queue.workers()) == 2, timeout=120)  # both up before the jobs arrive
+        ids = [_submit(worker, seed) for seed in range(16)]
         wait_for(lambda: worker.queue.counts()[DONE] == len(ids), timeout=120)
     finally:
         for process in processes:
