@@ -151,11 +151,15 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
+    import torch
+
     from .worker import Worker
 
     overrides = {"device": args.device, "worker_max_models": args.max_models, "worker_batch": args.batch,
                  "precision": args.precision}
     settings = dataclasses.replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"Device '{settings.device}' was asked for, but no CUDA GPU is visible to this process.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
 
