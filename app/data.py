@@ -58,7 +58,7 @@ def settings() -> Settings:
 @st.cache_resource(show_spinner=False)
 def _engine(cache_dir: str, cache_size: int, device: str) -> Engine:
     engine = Engine(TraceStore(cache_dir, cache_size), device=device, max_models=2)
-    engine.max_batch = 8 if engine.device.type == "cuda" else 2  # small CPU batches: finer progress, quick cancel
+    engine.max_batch = 8 if engine.device.type == "cuda" else 1  # one image at a time on CPU: finer progress, quick cancel
     return engine
 
 

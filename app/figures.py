@@ -203,13 +203,15 @@ def histogram_figure(histograms: Sequence[NormHistogram], log_y: bool = True, bi
         counts, _ = np.histogram(hist.norms, bins=edges)
         fig.add_trace(go.Bar(
             x=centres, y=counts, width=widths, name=hist.label, marker_color=colour, opacity=0.6,
-            customdata=np.stack([edges[:-1], edges[1:]], axis=1),
+            customdata=np.stack([edges[:-1], edges[1:]], axis=1).tolist(),  # lists: selection events return them as such
             hovertemplate="norm %{customdata[0]:.4g} to %{customdata[1]:.4g}<br>%{y} tokens<extra>%{fullData.name}</extra>",
         ))
         if hist.threshold is not None:
+            right_half = hist.threshold > (edges[0] + edges[-1]) / 2  # write the label on the side with room
             fig.add_vline(x=hist.threshold, line=dict(color=colour, dash="dash", width=2),
                           annotation=dict(text=f"threshold {hist.threshold:.4g}: {hist.count} outliers ({hist.fraction:.1%})",
-                                          font=dict(color=colour), yanchor="top", y=1 - 0.07 * index))
+                                          font=dict(color=colour), yanchor="top", y=1 - 0.07 * index,
+                                          xanchor="right" if right_half else "left"))
     fig.update_layout(barmode="overlay", bargap=0, height=height, margin=dict(l=60, r=10, t=60, b=50),
                       legend=dict(orientation="h", y=1.08, x=0), clickmode="event+select")
     pad = float(widths[0])
@@ -315,7 +317,7 @@ def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], titl
         fig.add_trace(go.Scattergl(
             x=embedding.coords[points, 0], y=embedding.coords[points, 1], mode="markers", name=label,
             marker=dict(color=colour, size=size, opacity=0.75), customdata=custom,
-            hovertemplate="%{customdata[4]}<br>row %{customdata[1]}, col %{customdata[2]}<br>norm %{customdata[3]}<extra>"
+            hovertemplate="%{customdata[4]}<br>row %{customdata[1]}, col %{customdata[2]}<br>norm %{customdata[3]:.4g}<extra>"
                           + label + "</extra>"))
     names_prefix = np.array(embedding.prefix_names, dtype=object)
     for label, selected, colour, symbol in (("CLS", names_prefix == "cls", CLS_COLOUR, "star"),

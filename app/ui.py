@@ -122,6 +122,20 @@ def primary_weights() -> str:
     return mode
 
 
+def threshold_from_selection(selection: dict) -> float | None:
+    """The threshold a histogram selection asks for: the lowest clicked bar's lower edge
+    (its customdata; its centre when that is missing) or a box's left side; None if neither."""
+    edges = []
+    for point in selection.get("points", []):
+        data = point.get("customdata")
+        value = data[0] if isinstance(data, (list, tuple)) and data else point.get("x")
+        if isinstance(value, (int, float)):
+            edges.append(float(value))
+    edges += [float(min(box["x"])) for box in selection.get("box", []) if box.get("x")]
+    edges = [edge for edge in edges if edge > 0]
+    return float(f"{min(edges):.4g}") if edges else None
+
+
 def threshold() -> float | None:
     """The shared outlier threshold: None for auto."""
     state = st.session_state
@@ -285,10 +299,21 @@ def _threshold_controls() -> None:
 def _status() -> None:
     jobs = data.running_jobs()
     if jobs:
-        st.subheader("Running")
-        for job in jobs:
-            st.caption(job.describe())
+        st.subheader("Running in the background")
+        _progress_panel()
+        for job in jobs:  # outside the fragment: a click here interrupts a page that is waiting
+            st.button(f"Cancel: {job.label}", key=f"sidebar-cancel-{abs(hash(job.key))}", on_click=job.cancel)
     st.radio("Figure download format (camera icon in each figure)", ["png", "svg"], key="figure_format", horizontal=True)
+
+
+@st.fragment(run_every=1.0)
+def _progress_panel() -> None:
+    """Live progress of background work while the user browses (refreshes itself every second)."""
+    jobs = data.running_jobs()
+    if not jobs:
+        st.caption("Done: open or refresh a page to see the results.")
+    for job in jobs:
+        st.progress(job.fraction if job.fraction is not None else 0.0, text=job.describe())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,10 +345,14 @@ def fetch(fn: Callable[..., T], *args, while_waiting: Callable[[], None] | None 
             _wait(pending.job, area, while_waiting)
             continue
         except data.Cancelled as cancelled:
+            if area is not None:
+                area.empty()
             st.warning(f"{cancelled} Change a setting or press the button to run it again.")
             st.button("Run again", on_click=data.forget, args=(cancelled.key,), key=f"again-{abs(hash(cancelled.key))}")
             st.stop()
         except VitlensError as error:
+            if area is not None:
+                area.empty()
             st.error(str(error))
             st.stop()
         if area is not None:

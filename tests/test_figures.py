@@ -103,6 +103,10 @@ def test_histogram_counts_every_token_and_draws_each_threshold():
     bars = [t for t in fig.data if t.type == "bar"]
     assert [b.name for b in bars] == ["plain", "reg4"]
     assert all(sum(b.y) == 1000 for b in bars)
+    import json
+
+    clicked = json.loads(fig.to_json())["data"][0]["customdata"][0]  # what a click on a bar sends back
+    assert isinstance(clicked, list) and len(clicked) == 2
     edges = np.asarray(bars[0].customdata)
     assert edges.shape == (40, 2) and np.allclose(edges[1:, 0], edges[:-1, 1])
     (line,) = [shape for shape in fig.layout.shapes if shape.type == "line"]
@@ -163,3 +167,14 @@ def _picture(width: int = 40, height: int = 30):
     from PIL import Image
 
     return Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def test_a_click_on_a_histogram_bar_gives_its_lower_edge():
+    import ui
+
+    assert ui.threshold_from_selection({"points": [{"x": 150.0, "customdata": [148.49, 151.5]}]}) == 148.5
+    assert ui.threshold_from_selection({"points": [{"x": 150.0}]}) == 150.0
+    assert ui.threshold_from_selection({"points": [{"x": 150.0, "customdata": {"0": 1}}], "box": []}) == 150.0
+    assert ui.threshold_from_selection({"points": [], "box": [{"x": [90.0, 40.0]}]}) == 40.0
+    assert ui.threshold_from_selection({"points": [], "box": []}) is None
+    assert ui.threshold_from_selection({"points": [{"x": -3.0}]}) is None

@@ -36,7 +36,7 @@ def draw(view: data.EmbeddingView, key: str, note: str = "") -> object:
 
 pca = ui.fetch(data.embedding, request, layer, "pca", ui.threshold(), model_index)
 if method == "pca":
-    view, event = pca, None
+    view = pca
 else:
     view = ui.fetch(data.embedding, request, layer, "umap", ui.threshold(), model_index,
                     while_waiting=lambda: draw(pca, "embedding-waiting", " (PCA while UMAP runs)"))
@@ -52,7 +52,8 @@ if points:
     mask[row, col] = True
     detail = figures.Overlay(title=f"{data.image_name(ref)}: row {row}, col {col} (layer {layer})", values=overlay.values,
                              image=overlay.image, mask=mask, colorbar=overlay.colorbar)
-    ui.chart(figures.overlay_figure(detail, 0.5, height=420), key="embedding-cell")
+    with st.columns(2)[0]:
+        ui.chart(figures.overlay_figure(detail, 0.5, height=420), key="embedding-cell")
 else:
     st.caption("Hover a point to see its image and cell; click it to show the cell on its image.")
 ui.download_table(view.table, f"embedding_{method}_layer{layer}.csv")

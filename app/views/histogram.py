@@ -8,15 +8,10 @@ import ui
 
 def _pick_threshold() -> None:
     """A click on a bar (or a box) moves the threshold to the bar's lower edge."""
-    selection = st.session_state["histogram"].selection
-    edge = None
-    if selection.get("points"):
-        edge = min(point["customdata"][0] for point in selection["points"] if point.get("customdata"))
-    elif selection.get("box"):
-        edge = min(selection["box"][0]["x"])
-    if edge is not None and edge > 0:
+    edge = ui.threshold_from_selection(st.session_state["histogram"].selection)
+    if edge is not None:
         st.session_state["threshold_auto"] = False
-        st.session_state["threshold_value"] = float(f"{edge:.4g}")
+        st.session_state["threshold_value"] = edge
 
 
 st.title("Norm histogram")
