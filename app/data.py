@@ -307,9 +307,7 @@ def check_model(name: str) -> ModelSpec:
     name = name.strip()
     if not name:
         raise UnknownModelError("Choose a model: a preset or a timm Vision Transformer name.")
-    allowed = settings().allowed_models
-    if allowed is not None and name not in allowed:
-        raise UnknownModelError(f"Model '{name}' is not offered here; choose one of {', '.join(allowed)}.")
+    settings().check_model(name)
     return resolve_spec(name)
 
 
@@ -337,11 +335,7 @@ def patch_size(name: str) -> int:
 
 def weights_files() -> list[str]:
     """Weights files the operator put in ``Settings.weights_dir`` (names only)."""
-    folder = settings().weights_dir
-    if folder is None or not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in WEIGHT_SUFFIXES)
+    return settings().weights_files()
 
 
 def _uploaded_weights_dir() -> Path:
@@ -376,17 +370,14 @@ def weights_path(weights: str) -> str:
     """
     if weights in ("hub", "random"):
         return weights
-    for prefix, folder in ((WEIGHTS_FILE_PREFIX, settings().weights_dir), (WEIGHTS_UPLOAD_PREFIX, _uploaded_weights_dir())):
-        if weights.startswith(prefix):
-            name = weights[len(prefix):]
-            if folder is None:
-                raise WeightsError("Local weights files are not enabled here (set VITLENS_WEIGHTS_DIR); use hub or random weights.")
-            if not name or name != Path(name).name or name.startswith(".") or Path(name).suffix.lower() not in WEIGHT_SUFFIXES:
-                raise WeightsError(f"Weights must name a file in the weights folder, not '{name[:80]}'.")
-            path = folder / name
-            if not path.is_file():
-                raise WeightsError(f"Weights file '{name}' is not there any more.")
-            return str(path)
+    if weights.startswith(WEIGHTS_FILE_PREFIX):
+        return settings().resolve_weights(weights[len(WEIGHTS_FILE_PREFIX):])
+    if weights.startswith(WEIGHTS_UPLOAD_PREFIX):
+        name = weights[len(WEIGHTS_UPLOAD_PREFIX):]
+        path = _uploaded_weights_dir() / name
+        if name != Path(name).name or name.startswith(".") or not path.is_file():
+            raise WeightsError("The uploaded weights file is not on this server any more; upload it again.")
+        return str(path)
     raise WeightsError(f"Weights must be hub, random or a weights file, not '{weights[:80]}'.")
 
 
