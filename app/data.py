@@ -40,7 +40,7 @@ from vitlens.store import CaptureOptions, TraceStore
 UPLOAD_PREFIX = "upload-"
 WEIGHTS_UPLOAD_PREFIX = "upload:"
 WEIGHTS_FILE_PREFIX = "file:"
-MAX_UPLOADS = 256  # decoded uploads kept in memory (shared by sessions, so a URL can name them)
+MAX_UPLOAD_BYTES = 512 * 2**20  # decoded uploads kept in memory (shared by sessions, so a URL can name them)
 STATES_BUDGET = 20_000  # layers x tokens: up to this, an embedding capture keeps every layer's vectors
 HUB_RETRY_S = 300.0  # after a hub failure, use random weights without asking the hub again for this long
 RANDOM_NOTE = "random weights: no artifacts expected"
@@ -186,7 +186,7 @@ class JobBoard:
 @st.cache_resource(show_spinner=False)
 def _boards() -> dict[str, JobBoard]:
     """One thread for captures (the model is the bottleneck) and one for analyses such as UMAP."""
-    return {"capture": JobBoard(workers=1), "analysis": JobBoard(workers=1)}
+    return {"capture": JobBoard(workers=1, keep=8), "analysis": JobBoard(workers=1, keep=16)}  # older results: the disk store
 
 
 def running_jobs() -> list[Job]:
@@ -210,7 +210,7 @@ GALLERY_NAMES: tuple[str, ...] = tuple(GALLERY)
 class _Uploads:
     """Decoded uploads by reference, shared by the sessions of this process (newest kept)."""
 
-    def __init__(self, limit: int = MAX_UPLOADS) -> None:
+    def __init__(self, limit: int = MAX_UPLOAD_BYTES) -> None:
         self.images: OrderedDict[str, DecodedImage] = OrderedDict()
         self.lock = threading.Lock()
         self.limit = limit
@@ -220,9 +220,13 @@ class _Uploads:
         with self.lock:
             self.images[ref] = decoded
             self.images.move_to_end(ref)
-            while len(self.images) > self.limit:
+            while len(self.images) > 1 and sum(_nbytes(i) for i in self.images.values()) > self.limit:
                 self.images.popitem(last=False)
         return ref
+
+
+def _nbytes(decoded: DecodedImage) -> int:
+    return decoded.image.width * decoded.image.height * 3
 
 
 @st.cache_resource(show_spinner=False)

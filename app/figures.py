@@ -317,7 +317,7 @@ def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], titl
         fig.add_trace(go.Scattergl(
             x=embedding.coords[points, 0], y=embedding.coords[points, 1], mode="markers", name=label,
             marker=dict(color=colour, size=size, opacity=0.75), customdata=custom,
-            hovertemplate="%{customdata[4]}<br>row %{customdata[1]}, col %{customdata[2]}<br>norm %{customdata[3]:.4g}<extra>"
+            hovertemplate="%{customdata[4]}<br>row %{customdata[1]}, col %{customdata[2]}<br>norm (pre-final-norm) %{customdata[3]:.4g}<extra>"
                           + label + "</extra>"))
     names_prefix = np.array(embedding.prefix_names, dtype=object)
     for label, selected, colour, symbol in (("CLS", names_prefix == "cls", CLS_COLOUR, "star"),

@@ -225,6 +225,13 @@ def test_unknown_or_unsupported_model_gives_one_message(name, message):
     assert not at.exception and any(message in e.value for e in at.error)
 
 
+def test_weights_that_do_not_fit_the_model_give_one_message(weights_dir):
+    at = _app(model=TINY_REG, weights="file:tiny_planted.safetensors", compare="0", side=str(TINY_SIDE), images="cat").run()
+    assert not at.exception
+    (error,) = at.error
+    assert error.value.startswith("Weights file 'tiny_planted.safetensors' does not fit")
+
+
 def test_local_files_need_a_weights_folder():
     at = _app(model=TINY, weights="file:x.safetensors", side="112", images="cat").run()
     assert not at.exception
