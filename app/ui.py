@@ -15,7 +15,8 @@ import streamlit as st
 
 import data
 import figures
-from vitlens.errors import ImageError, OptionError, UnknownModelError, VitlensError, WeightsError
+from vitlens.analysis.outliers import parse_threshold
+from vitlens.errors import ImageError, OptionError, VitlensError, WeightsError
 
 T = TypeVar("T")
 DEFAULT_MODEL = "dinov2_vits14_reg4"
@@ -63,6 +64,9 @@ def init_state() -> None:
     state["weights_mode"] = mode if mode in WEIGHT_MODES else "hub"
     if mode == "file":
         state["weights_file"] = weights.split(":", 1)[1]
+        if state["weights_file"] not in data.weights_files():
+            state["url_problems"].append(f"Weights file '{state['weights_file'][:80]}' from the link is not in the "
+                                         "weights folder; choose one in the sidebar.")
     if mode == "upload":
         state["weights_upload_choice"] = weights
     if _param("pair_weights"):
@@ -76,13 +80,12 @@ def init_state() -> None:
     state["images"] = [ref for ref in refs if data.has_image(ref)]
     if (layer := _int(_param("layer"))) is not None:
         state["layer"] = layer
-    threshold = _param("threshold")
-    state["threshold_auto"] = threshold in (None, "auto")
     try:
-        state["threshold_value"] = float(threshold) if threshold not in (None, "auto") else 100.0
-    except ValueError:
-        state["threshold_auto"], state["threshold_value"] = True, 100.0
-        state["url_problems"].append(f"Threshold '{threshold}' from the link is not a number; using auto.")
+        value = parse_threshold(_param("threshold"))
+    except OptionError as error:
+        value = None
+        state["url_problems"].append(f"{error} Using auto.")
+    state["threshold_auto"], state["threshold_value"] = value is None, value or 100.0
 
 
 def keep_page_state() -> None:

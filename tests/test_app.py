@@ -232,6 +232,29 @@ def test_weights_that_do_not_fit_the_model_give_one_message(weights_dir):
     assert error.value.startswith("Weights file 'tiny_planted.safetensors' does not fit")
 
 
+def test_a_garbled_link_opens_with_messages_not_tracebacks(weights_dir):
+    at = _app(model=TINY, weights="file:../../etc/passwd", side="-7", layer="99", threshold="-1",
+              images="cat,upload-0123456789abcdef,nonsense").run()
+    assert not at.exception
+    warnings = " ".join(w.value for w in at.warning)
+    assert "upload-0123456789abcdef, nonsense" in warnings and "Threshold must be 'auto' or a positive number" in warnings
+    assert "Weights file '../../etc/passwd' from the link is not in the weights folder" in warnings
+    at.radio(key="weights_mode").set_value("random").run()
+    _ok(at)
+    assert at.number_input(key="side").value == 14 and at.slider(key="layer").value == 5
+
+
+def test_pooled_layers_stay_valid_when_the_layer_moves(weights_dir):
+    at = _planted_app(weights_dir)
+    at.switch_page("views/histogram.py").run()
+    at.multiselect(key="extra_layers").set_value([5]).run()
+    _ok(at)
+    assert len(at.metric) == 2
+    at.slider(key="layer").set_value(5).run()  # the pooled layer becomes the chosen one
+    _ok(at)
+    assert at.multiselect(key="extra_layers").value == []
+
+
 def test_local_files_need_a_weights_folder():
     at = _app(model=TINY, weights="file:x.safetensors", side="112", images="cat").run()
     assert not at.exception

@@ -26,7 +26,9 @@ controls = st.columns([4, 3, 2, 2])
 with controls[0]:
     layer = ui.layer_slider(result.num_layers)
 with controls[1]:
-    extra = st.multiselect("Pool more layers", [l for l in range(result.num_layers) if l != layer], key="extra_layers")
+    others = [l for l in range(result.num_layers) if l != layer]
+    st.session_state["extra_layers"] = [l for l in st.session_state.get("extra_layers", []) if l in others]
+    extra = st.multiselect("Pool more layers", others, key="extra_layers")
 with controls[2]:
     post_norm = st.toggle("Post-final-norm", key="post_norm")
 with controls[3]:
