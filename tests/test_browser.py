@@ -1,0 +1,358 @@
+"""The real dashboard in headless Chromium: every page, an upload, a widget, a bad upload.
+
+Starts ``streamlit run app/main.py`` on a free port with an empty trace cache and an offline,
+empty Hugging Face hub (so the default "pretrained" choice falls back to random weights with a
+message, and the test then picks random weights in the sidebar), drives it with Playwright's
+sync API and Debian's chromium, and fails on any Streamlit exception element or error box with
+a traceback. The default model pair (DINOv2 ViT-S/14 with and without registers, 224 px) runs
+on the CPU in a few seconds.
+
+Whole-page screenshots of every page go to ``artifacts/screenshots/<page>.png`` (git-ignored).
+The README's ``docs/screenshots/{norm_maps,histogram}.png`` (what a 1400x1000 window shows) are
+written only when missing or when ``VITLENS_UPDATE_SCREENSHOTS=1``, so a test run does not
+dirty the working tree.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
+DOCS_PAGES = ("norm_maps", "histogram")
+CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 900}
+DOCS_VIEWPORT = {"width": 1400, "height": 1000}
+MAX_SHOT_HEIGHT = 2400
+LAYER_SLIDER = "Layer (block index, 0-based)"
+FIRST_CAPTURE_S = 120  # import torch, build two random ViT-S/14, capture two images: ~30 s on 2 busy cores
+PAGE_S = 60
+# (sidebar link text, title, file name, plotly charts the page draws at least)
+PAGES = [
+    ("Norm maps", "Norm maps", "norm_maps", 2),
+    ("Norm histogram", "Norm histogram", "histogram", 1),
+    ("Layer emergence", "Layer emergence", "emergence", 1),
+    ("Attention", "Attention", "attention", 2),
+    ("Token embedding", "Token embedding", "embedding", 1),
+    ("About / how to read", "About / how to read", "about", 0),
+]
+# Titles, subplot titles and plotted values of every chart on the page, to see whether the page changed.
+CHART_SIGNATURE_JS = """JSON.stringify([...document.querySelectorAll('[data-testid=stMain] .js-plotly-plot')]
+    .map(p => [p.layout && p.layout.title, (p.layout && p.layout.annotations || []).map(a => a.text),
+               (p.data || []).map(t => [t.name, t.z, t.y, t.source])]))"""
+
+try:
+    from playwright.sync_api import Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    pytest.skip("the playwright Python package is not installed (pip install playwright)", allow_module_level=True)
+if CHROMIUM is None:  # pragma: no cover - depends on the machine
+    pytest.skip("chromium is not installed (/usr/bin/chromium; scripts/test.sh installs it with apt as root)",
+                allow_module_level=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Server and browser
+# ----------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Callable[[], str]]]:
+    """The app on a free local port; yields its URL and a function returning its log so far."""
+    port = _free_port()
+    log_path = tmp_path / "streamlit.log"
+    env = dict(os.environ,
+               VITLENS_CACHE_DIR=str(tmp_path / "cache"), VITLENS_DEVICE="cpu", VITLENS_MODE="embedded",
+               HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
+               PYTHONUNBUFFERED="1")
+    for name in ("VITLENS_ALLOWED_MODELS", "VITLENS_WEIGHTS_DIR", "VITLENS_JOB_DIR", "VITLENS_PRECISION"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
+               "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none"]
+    url = f"http://127.0.0.1:{port}"
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
+
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if process.poll() is not None:
+                    pytest.fail(f"streamlit exited with {process.returncode} before answering:\n{log()}")
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"streamlit did not answer on {url} within 60 s:\n{log()}")
+                time.sleep(0.25)
+            yield url, log
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=15)
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[Page]:
+    profile = tmp_path / "chromium-profile"
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, viewport=VIEWPORT)
+        try:
+            context.set_default_timeout(30_000)
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+def check_no_errors(page: Page, where: str, log: Callable[[], str]) -> None:
+    """Fail on a Streamlit exception element or an error box that shows a traceback."""
+    exceptions = page.locator("[data-testid=stException]")
+    if exceptions.count():
+        pytest.fail(f"{where}: Streamlit exception on the page:\n{exceptions.first.inner_text()}\n--- server log ---\n{log()}")
+    for alert in page.locator("[data-testid=stAlert]").all():
+        text = alert.inner_text()
+        if "Traceback" in text or 'File "' in text:
+            pytest.fail(f"{where}: error box with a traceback:\n{text}")
+
+
+def settle(page: Page, timeout_s: float = PAGE_S) -> None:
+    """Wait (bounded) until the script run is over: no 'running' status and no stale elements."""
+    deadline = time.monotonic() + timeout_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        busy = page.evaluate("""() => {
+            const status = document.querySelector('[data-testid=stStatusWidget]');
+            const running = document.querySelector('[data-testid^=stStatusWidgetRunning]') !== null
+                || (status !== null && /running|stop/i.test(status.innerText || ''));
+            const stale = document.querySelector('[data-stale=true]') !== null;
+            return running || stale;
+        }""")
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 0.6:
+            return
+        time.sleep(0.15)
+    pytest.fail(f"the app did not finish running within {timeout_s:.0f} s")
+
+
+def charts_drawn(page: Page, count: int, timeout_s: float = PAGE_S) -> list[int]:
+    """Wait until at least ``count`` plotly charts are drawn with data; returns their trace counts."""
+    if count == 0:
+        return []
+    main = page.locator("[data-testid=stMain]")
+    expect(main.locator("[data-testid=stPlotlyChart] .js-plotly-plot").nth(count - 1)).to_be_attached(
+        timeout=timeout_s * 1000)
+    page.wait_for_function(
+        """n => { const plots = [...document.querySelectorAll('[data-testid=stMain] .js-plotly-plot')];
+                  return plots.length >= n && plots.every(p => p.data && p.data.length > 0 && p.querySelector('.main-svg')); }""",
+        arg=count, timeout=timeout_s * 1000)
+    return page.evaluate("() => [...document.querySelectorAll('[data-testid=stMain] .js-plotly-plot')].map(p => p.data.length)")
+
+
+def chart_signature(page: Page) -> str:
+    return page.evaluate("() => " + CHART_SIGNATURE_JS)
+
+
+def open_page(page: Page, link: str, title: str) -> None:
+    page.locator("[data-testid=stSidebarNav] [data-testid=stSidebarNavLink]").filter(has_text=link).click()
+    expect(page.locator("[data-testid=stMain] h1").first).to_have_text(title, timeout=PAGE_S * 1000)
+
+
+def screenshot(page: Page, name: str) -> Path:
+    """The whole page (the viewport grown to the content's height, at most MAX_SHOT_HEIGHT).
+
+    Pages named in DOCS_PAGES are also kept as a 1400x1000 window, for docs/screenshots.
+    """
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.mouse.move(5, 5)  # no hover: plotly's mode bar and tooltips out of the picture
+    if name in DOCS_PAGES:
+        page.set_viewport_size(DOCS_VIEWPORT)
+        try:
+            page.wait_for_timeout(400)
+            page.screenshot(path=str(SCREENSHOTS / f"{name}_window.png"))
+        finally:
+            page.set_viewport_size(VIEWPORT)
+    path = SCREENSHOTS / f"{name}.png"
+    height = page.evaluate("""() => Math.max(...[...document.querySelectorAll(
+        '[data-testid=stMain], [data-testid=stAppViewContainer], [data-testid=stSidebarContent], [data-testid=stMainBlockContainer]')]
+        .map(e => e.scrollHeight), window.innerHeight)""")
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": min(int(height), MAX_SHOT_HEIGHT)})
+    try:
+        page.wait_for_timeout(400)  # plotly relayouts on resize
+        page.screenshot(path=str(path))
+    finally:
+        page.set_viewport_size(VIEWPORT)
+    return path
+
+
+def sidebar_alerts(page: Page) -> list[str]:
+    return [alert.inner_text().strip() for alert in page.locator("[data-testid=stSidebar] [data-testid=stAlert]").all()]
+
+
+# ----------------------------------------------------------------------------------------------
+# The test
+# ----------------------------------------------------------------------------------------------
+
+UPLOADER = "[data-testid=stSidebar] [data-testid=stFileUploader]:has-text('Upload images') input[type=file]"
+IMAGE_PICKER = "[data-testid=stMain] [data-testid=stSelectbox]:has-text('Image') input"
+FALLBACK_WARNING = "Pretrained weights are not available"
+
+
+@pytest.mark.timeout(300)
+def test_every_page_in_chromium(server, page: Page, tmp_path: Path) -> None:
+    from vitlens.images import gallery_image
+
+    url, log = server
+    photo = tmp_path / "my_cat.png"
+    gallery_image("cat").image.save(photo)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are my notes, not a picture\n")
+    started = time.monotonic()
+
+    _first_visit_offline(page, url, log)
+    _choose_random_weights(page, log)
+    _upload_photo(page, photo, log)
+    layer = _move_layer_slider(page, log)
+    screenshot(page, "norm_maps")
+    for link, title, name, charts in PAGES[1:]:
+        _visit(page, link, title, name, charts, layer, log)
+        screenshot(page, name)
+    _upload_non_image(page, not_an_image, log)
+    screenshot(page, "after_bad_upload")
+
+    if os.environ.get("VITLENS_UPDATE_SCREENSHOTS") == "1" or not all(
+            (DOCS_SCREENSHOTS / f"{name}.png").exists() for name in DOCS_PAGES):
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for name in DOCS_PAGES:
+            shutil.copyfile(SCREENSHOTS / f"{name}_window.png", DOCS_SCREENSHOTS / f"{name}.png")
+    server_log = log()
+    assert "Traceback" not in server_log, f"the server logged an exception:\n{server_log}"
+    assert time.monotonic() - started < 170, "the browser walk took too long"
+
+
+def _first_visit_offline(page: Page, url: str, log: Callable[[], str]) -> None:
+    """The default pretrained pair cannot be fetched offline: the app says so and draws with random weights."""
+    page.goto(url, wait_until="domcontentloaded")
+    expect(page.locator("[data-testid=stMain] h1").first).to_have_text("Norm maps", timeout=60_000)
+    charts_drawn(page, 2, FIRST_CAPTURE_S)
+    settle(page)
+    check_no_errors(page, "first visit", log)
+    expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=FALLBACK_WARNING)).to_be_visible()
+    screenshot(page, "first_visit")
+
+
+def _choose_random_weights(page: Page, log: Callable[[], str]) -> None:
+    """A sidebar radio: random weights; the fallback warning goes away and the URL says so."""
+    page.locator("[data-testid=stSidebar] [data-testid=stRadio] label").filter(has_text="random weights").click()
+    expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=FALLBACK_WARNING)).to_have_count(
+        0, timeout=PAGE_S * 1000)
+    charts_drawn(page, 2)
+    settle(page)
+    check_no_errors(page, "random weights", log)
+    assert "weights=random" in page.url
+
+
+def _upload_photo(page: Page, photo: Path, log: Callable[[], str]) -> None:
+    """Through the real file input: the photo joins the images, gets the focus, and the maps redraw."""
+    before = chart_signature(page)
+    page.locator(UPLOADER).set_input_files(str(photo))
+    expect(page.locator(IMAGE_PICKER)).to_have_value(f"{photo.name} (upload)", timeout=PAGE_S * 1000)
+    charts_drawn(page, 2)
+    settle(page)
+    check_no_errors(page, "after the upload", log)
+    assert not sidebar_alerts(page), f"the photo upload was refused: {sidebar_alerts(page)}"
+    assert chart_signature(page) != before, "the norm maps did not change to the uploaded photo"
+
+
+def _move_layer_slider(page: Page, log: Callable[[], str]) -> int:
+    """One step left on the real range input: the maps and the URL follow. Returns the new layer."""
+    slider = page.get_by_role("slider", name=LAYER_SLIDER)
+    layer = int(slider.get_attribute("aria-valuetext") or slider.input_value())
+    before = chart_signature(page)
+    assert f"layer {layer}" in before, before[:500]
+    slider.focus()
+    page.keyboard.press("ArrowLeft")
+    layer -= 1
+    page.wait_for_function(
+        """layer => [...document.querySelectorAll('[data-testid=stMain] .js-plotly-plot')]
+                    .some(p => (p.innerText || '').includes('layer ' + layer + ' '))""",
+        arg=layer, timeout=PAGE_S * 1000)
+    settle(page)
+    check_no_errors(page, "after moving the layer slider", log)
+    assert chart_signature(page) != before, "the norm maps did not change with the layer"
+    assert f"layer={layer}" in page.url
+    return layer
+
+
+def _visit(page: Page, link: str, title: str, name: str, charts: int, layer: int, log: Callable[[], str]) -> None:
+    """Open a page from the sidebar; it draws its charts, keeps the chosen layer, shows no error."""
+    open_page(page, link, title)
+    charts_drawn(page, charts)
+    settle(page)
+    check_no_errors(page, title, log)
+    slider = page.get_by_role("slider", name=LAYER_SLIDER)
+    if name in ("histogram", "attention", "embedding"):
+        assert slider.get_attribute("aria-valuetext") == str(layer), f"{title} lost the chosen layer {layer}"
+    if name == "about":
+        expect(page.locator("[data-testid=stMain]")).to_contain_text("Vision Transformers Need Registers")
+    if name == "attention":  # a select box: one head instead of the mean over heads
+        before = chart_signature(page)
+        head = page.locator("[data-testid=stMain] [data-testid=stSelectbox]").filter(has_text="Head").locator("input")
+        head.click()
+        page.get_by_role("option", name="head 0", exact=True).click()
+        expect(head).to_have_value("head 0")
+        page.wait_for_function("before => " + CHART_SIGNATURE_JS + " !== before", arg=before, timeout=PAGE_S * 1000)
+        settle(page)
+        charts_drawn(page, charts)
+        check_no_errors(page, "attention, head 0", log)
+
+
+def _upload_non_image(page: Page, path: Path, log: Callable[[], str]) -> None:
+    """A text file named .png: one short sentence in the sidebar, and the app goes on working."""
+    page.locator(UPLOADER).set_input_files(str(path))
+    error = page.locator("[data-testid=stSidebar] [data-testid=stAlert]").filter(has_text=path.name)
+    expect(error).to_be_visible(timeout=PAGE_S * 1000)
+    settle(page)
+    message = error.inner_text().strip()
+    assert "Traceback" not in message and "\n" not in message and len(message) < 200, message
+    assert message.count(". ") == 0 and message.endswith("."), f"not one sentence: {message!r}"
+    check_no_errors(page, "after a bad upload", log)
+    open_page(page, "Norm maps", "Norm maps")
+    charts_drawn(page, 2)
+    settle(page)
+    check_no_errors(page, "norm maps after a bad upload", log)
+    expect(page.locator(IMAGE_PICKER)).to_have_value("my_cat.png (upload)")
