@@ -26,12 +26,14 @@ import timm
 
 import figures
 from figures import EmergenceCurve, NormHistogram, Overlay, Table
+# ui.py and the pages reach vitlens only through this module (it re-exports parse_threshold and the error types).
 from vitlens.analysis.attention import ClsOutlierAttention, attention_maps, cls_outlier_attention
 from vitlens.analysis.embedding import TokenEmbedding, token_embedding
-from vitlens.analysis.outliers import LayerOutliers, OutlierResult, find_outliers, layer_outliers
+from vitlens.analysis.outliers import LayerOutliers, OutlierResult, find_outliers, layer_outliers, parse_threshold  # noqa: F401
 from vitlens.capture import Trace
 from vitlens.engine import Engine
-from vitlens.errors import HubUnavailableError, ImageError, OptionError, UnknownModelError, VitlensError, WeightsError
+from vitlens.errors import (HubUnavailableError, ImageError, OptionError, UnknownModelError,  # noqa: F401
+                            VitlensError, WeightsError)
 from vitlens.images import GALLERY, DecodedImage, decode_image, gallery_image, input_shape
 from vitlens.models import PRESETS, WEIGHT_SUFFIXES, ModelSpec, resolve_spec
 from vitlens.settings import Settings
@@ -521,7 +523,9 @@ def compute_traces(
     return [result.trace for result in results]
 
 
-def _hosted_traces(images, model, weights, options, progress):
+def _hosted_traces(images: Sequence[DecodedImage], model: str, weights: str, options: CaptureOptions,
+                   progress: Callable[[int, int], None] | None) -> list:
+    """Captures queued for ``python -m vitlens worker`` (``VITLENS_MODE=hosted``)."""
     from vitlens.client import get_client
 
     if weights.startswith(WEIGHTS_UPLOAD_PREFIX):

@@ -15,8 +15,7 @@ import streamlit as st
 
 import data
 import figures
-from vitlens.analysis.outliers import parse_threshold
-from vitlens.errors import ImageError, OptionError, VitlensError, WeightsError
+from data import ImageError, OptionError, VitlensError, WeightsError
 
 T = TypeVar("T")
 DEFAULT_MODEL = "dinov2_vits14_reg4"
@@ -81,7 +80,7 @@ def init_state() -> None:
     if (layer := _int(_param("layer"))) is not None:
         state["layer"] = layer
     try:
-        value = parse_threshold(_param("threshold"))
+        value = data.parse_threshold(_param("threshold"))
     except OptionError as error:
         value = None
         state["url_problems"].append(f"{error} Using auto.")
