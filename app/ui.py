@@ -416,8 +416,11 @@ def chart(fig: go.Figure, key: str, **kwargs):
     return st.plotly_chart(fig, key=key, config=config, theme=None, **kwargs)
 
 
-def download_table(table: figures.Table, file_name: str, label: str = "Numbers (CSV)", key: str | None = None) -> None:
-    st.download_button(label, table.to_csv, file_name=file_name, mime="text/csv", on_click="ignore", key=key or f"dl-{file_name}")
+def download_table(table: figures.Table | Callable[[], figures.Table], file_name: str, label: str = "Numbers (CSV)",
+                   key: str | None = None) -> None:
+    """A CSV download; a callable table is only built when the button is pressed."""
+    make = (lambda: table().to_csv()) if callable(table) else table.to_csv
+    st.download_button(label, make, file_name=file_name, mime="text/csv", on_click="ignore", key=key or f"dl-{file_name}")
 
 
 def download_npz(make: Callable[[], bytes], file_name: str, label: str = "Arrays (NPZ)") -> None:

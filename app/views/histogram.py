@@ -50,4 +50,4 @@ downloads = st.columns(3)
 with downloads[0]:
     ui.download_table(view.table, "histogram_summary.csv", "Summary (CSV)")
 with downloads[1]:
-    ui.download_table(data.histogram_values(request, layers, post_norm), "histogram_norms.csv", "All norms (CSV)")
+    ui.download_table(lambda: data.histogram_values(request, layers, post_norm), "histogram_norms.csv", "All norms (CSV)")
