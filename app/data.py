@@ -792,16 +792,17 @@ def _umap(job: Job, traces: tuple[Trace, ...], layer: int, threshold: float | No
     return token_embedding(list(traces), layer, "umap", threshold)
 
 
-def trace_npz(request: Request, state_layers: tuple[int, ...] = ()) -> bytes:
-    """All arrays of the request's traces (CLI ``--save`` names, prefixed ``m<model>_i<image>_``)."""
-    result = captured(request, state_layers)
+def trace_npz(request: Request, threshold: float | None = None) -> bytes:
+    """All arrays of the request's traces (CLI ``--save`` names, prefixed ``m<model>_i<image>_``);
+    ``outliers``/``thresholds`` use ``threshold`` (None: auto)."""
+    result = captured(request)
     arrays: dict[str, np.ndarray] = {
         "models": np.array([run.label for run in result.runs]),
         "images": np.array([image_name(ref) for ref in request.images]),
     }
     for m, run in enumerate(result.runs):
         for i, trace in enumerate(run.traces):
-            found = outliers_of(run, i, None)
+            found = outliers_of(run, i, threshold)
             prefix = f"m{m}_i{i}_"
             arrays.update({
                 prefix + "norms": trace.norms.astype(np.float32),

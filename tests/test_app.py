@@ -127,6 +127,21 @@ def test_norm_maps_outline_the_planted_cells_and_follow_layer_and_post_norm(weig
     assert _figures(at)[0]["data"][0]["opacity"] == 0.25
 
 
+def test_npz_download_holds_the_cli_arrays_of_every_model_and_image(weights_dir):
+    import io
+    import sys
+
+    at = _planted_app(weights_dir)
+    assert [b.label for b in at.get("download_button")] == ["Numbers (CSV)", "All captured arrays (NPZ)"]
+    data = sys.modules["data"]  # the module the app imported
+    arrays = np.load(io.BytesIO(data.trace_npz(at.session_state["request"])))
+    assert arrays["models"].tolist() == [f"{TINY} (tiny_planted.safetensors)", f"{TINY_REG} (tiny_reg4.safetensors)"]
+    assert arrays["m0_i0_norms"].shape == (6, 1 + 64) and arrays["m1_i0_norms"].shape == (6, 5 + 64)
+    assert arrays["m1_i0_attention"].shape == (6, 4, 5, 69) and arrays["m1_i0_num_registers"] == 4
+    assert arrays["m0_i0_outliers"].sum(axis=(1, 2)).tolist() == [0, 0, 0, 3, 3, 3]
+    assert not arrays["m1_i0_outliers"].any()
+
+
 def test_histogram_counts_follow_the_threshold(weights_dir):
     at = _planted_app(weights_dir)
     at.switch_page("views/histogram.py").run()

@@ -26,7 +26,8 @@ with controls[2]:
 with controls[3]:
     ref = ui.image_picker(request)
 
-maps = ui.fetch(data.norm_maps, request, ref, layer, post_norm, ui.threshold())
+threshold = ui.threshold()
+maps = ui.fetch(data.norm_maps, request, ref, layer, post_norm, threshold)
 for index, (column, overlay) in enumerate(zip(st.columns(len(maps.overlays)), maps.overlays)):
     with column:
         ui.chart(figures.overlay_figure(overlay, opacity), key=f"norm-map-{index}")
@@ -38,4 +39,4 @@ downloads = st.columns(3)
 with downloads[0]:
     ui.download_table(maps.table, f"norm_map_{data.image_name(ref)}_{'post' if post_norm else f'layer{layer}'}.csv")
 with downloads[1]:
-    ui.download_npz(lambda: data.trace_npz(request), "vitlens_traces.npz", "All captured arrays (NPZ)")
+    ui.download_npz(lambda: data.trace_npz(request, threshold), "vitlens_traces.npz", "All captured arrays (NPZ)")
