@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ from .settings import Settings
 from .store import CaptureOptions, TraceStore
 
 EXIT_BAD_INPUT = 2
+EXIT_BUG = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VitlensError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as error:  # a vitlens bug, not bad input: one line; the traceback on request
+        if os.environ.get("VITLENS_DEBUG"):
+            raise
+        print(f"error: vitlens failed unexpectedly ({type(error).__name__}: {error}); "
+              "rerun with VITLENS_DEBUG=1 for the traceback.", file=sys.stderr)
+        return EXIT_BUG
 
 
 def _parser() -> argparse.ArgumentParser:

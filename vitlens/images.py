@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +66,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX
         raise ImageError(f"'{name}' is not an image file vitlens can read.") from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(f"'{name}' has too many pixels to decode safely.") from error
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:
+    except Exception as error:  # PIL's many decoders raise many exception types on malformed files
         raise ImageError(f"'{name}' is truncated or corrupt and cannot be decoded.") from error
     return DecodedImage(name=name, image=rgb, digest=_pixel_digest(rgb))
 
