@@ -4,7 +4,7 @@ The synthetic traces have planted outliers at known cells and layers, so tests c
 analyses and figures put them where they are. The tiny ViTs are DINOv2-style timm models (6
 blocks, 64 channels, grid 8x8 at 112 px) registered under their own names, so the app can load
 them by name with random weights, or from a weights file with outliers planted by the core
-``conftest.plant_outliers``.
+``vitlens.synthetic.plant_outliers``.
 """
 from __future__ import annotations
 
@@ -86,11 +86,11 @@ def register_tiny_models() -> None:
 
 
 def planted_weights(path: Path, name: str, cells, layer: int) -> Path:
-    """Save tiny-model weights with outliers at ``cells`` from block ``layer`` (see conftest.plant_outliers)."""
-    from conftest import plant_outliers
+    """Save tiny-model weights with outliers at ``cells`` from block ``layer`` (``vitlens.synthetic.plant_outliers``)."""
     from safetensors.torch import save_file
 
     from vitlens.models import load_model
+    from vitlens.synthetic import plant_outliers
 
     register_tiny_models()
     loaded = load_model(name, "random")

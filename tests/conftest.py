@@ -1,12 +1,14 @@
 """Shared fixtures: tiny timm ViTs built through ``load_model``, a planted-outlier model, test images.
 
+The planted-outlier model comes from ``vitlens.synthetic`` (the same construction as the
+dashboard's synthetic demo): known cells, known block.
+
 Every test runs with its own empty trace cache and an unreachable Hugging Face hub, so nothing
 is ever downloaded and no test sees another test's cached traces.
 """
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 from vitlens.models import LoadedModel, load_model
+from vitlens.synthetic import Planted, plant_outliers  # noqa: F401 (re-exported for the tests)
 
 TINY_ARGS = dict(depth=4, embed_dim=64, num_heads=4, img_size=56)  # grid 4x4
 PLANTED_ARGS = dict(depth=6, embed_dim=64, num_heads=4, img_size=112)  # grid 8x8
@@ -52,65 +55,6 @@ def tiny_vit_reg() -> LoadedModel:
 def tiny_model(request: pytest.FixtureRequest) -> LoadedModel:
     """Each tiny DINOv2-style ViT in turn, with and without registers."""
     return load_model(request.param, "random", model_args=TINY_ARGS)
-
-
-@dataclass(frozen=True)
-class Planted:
-    """A model whose outliers are known: ``cells`` become high-norm tokens at block ``layer``."""
-
-    loaded: LoadedModel
-    cells: tuple[tuple[int, int], ...]
-    layer: int
-
-    def mask(self) -> np.ndarray:
-        """True at the planted cells.  # [row, col]"""
-        mask = np.zeros(tuple(self.loaded.model.patch_embed.grid_size), dtype=bool)
-        for row, col in self.cells:
-            mask[row, col] = True
-        return mask
-
-
-def plant_outliers(loaded: LoadedModel, cells, layer: int, norm: float = 100.0) -> Planted:
-    """Turn a position-embedding direction at ``cells`` into large tokens at block ``layer``.
-
-    A unit direction ``d`` (zero mean over channels, so LayerNorm centring keeps it) is removed
-    from the patch embedding, the class/register tokens and the position embeddings; then every
-    patch position gets ``-2 d`` except the planted cells, which get ``+2 d``. All patch tokens
-    keep the same |component| along ``d``, so norms before ``layer`` stay unimodal. Two MLP
-    neurons of block ``layer`` read ``d`` (clamped ReLU: relu(z) - relu(z - 5), saturated at the
-    planted cells, zero elsewhere) and write ``norm * v`` for a random unit vector ``v``; that
-    block's LayerScale is set to 1. Later blocks keep the large tokens through the residual.
-    """
-    model = loaded.model
-    dim = model.embed_dim
-    generator = torch.Generator().manual_seed(1)
-    d = torch.randn(dim, generator=generator)
-    d = (d - d.mean()) / (d - d.mean()).norm()
-    v = torch.randn(dim, generator=generator)
-    v = v / v.norm()
-    rows, cols = model.patch_embed.grid_size
-    sign = -torch.ones(rows * cols)
-    for row, col in cells:
-        sign[row * cols + col] = 1.0
-    num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-    with torch.no_grad():
-        weight = model.patch_embed.proj.weight.view(dim, -1)
-        weight -= d[:, None] * (d @ weight)[None]
-        model.patch_embed.proj.bias -= d * (d @ model.patch_embed.proj.bias)
-        for token in (model.cls_token, model.reg_token):
-            if token is not None:
-                token -= (token @ d)[..., None] * d
-        pos = model.pos_embed[0]  # [position, channel]
-        pos -= (pos @ d)[:, None] * d
-        pos[num_prefix:] += 2.0 * sign[:, None] * d
-        block = model.blocks[layer]
-        block.mlp.fc1.weight[:2] = 20.0 * d
-        block.mlp.fc1.bias[:2] = torch.tensor([-5.0, -10.0])
-        block.mlp.fc2.weight[:, 0] = norm / 5 * v
-        block.mlp.fc2.weight[:, 1] = -norm / 5 * v
-        if hasattr(block.ls2, "gamma"):
-            block.ls2.gamma.fill_(1.0)
-    return Planted(loaded=loaded, cells=tuple(cells), layer=layer)
 
 
 @pytest.fixture(params=["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"], ids=["plain", "reg4"])

@@ -60,7 +60,7 @@ class Client:
         Args:
             images: Decoded images.
             model: Preset or timm ViT name (must be in ``Settings.allowed_models`` when set).
-            weights: ``hub``, ``random`` or a file name inside ``Settings.weights_dir``.
+            weights: ``hub``, ``random``, ``synthetic`` or a file name inside ``Settings.weights_dir``.
             options: Capture options.
             progress: Called with the job's status at each poll (queue position, images done).
             timeout: Seconds to wait; default ``Settings.job_timeout``.

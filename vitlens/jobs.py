@@ -102,7 +102,7 @@ class JobSpec:
 
     Attributes:
         model: Preset or timm ViT name.
-        weights: ``hub``, ``random``, or a file name inside the deployment's weights folder.
+        weights: ``hub``, ``random``, ``synthetic``, or a file name inside the deployment's weights folder.
         images: Pixel digests (``DecodedImage.digest``) of images put into the queue.
         options: Capture options.
     """

@@ -1,4 +1,4 @@
-"""Model presets and loading: Hugging Face hub, a local weights file, or random weights."""
+"""Model presets and loading: Hugging Face hub, a local weights file, random weights, or the synthetic demo."""
 from __future__ import annotations
 
 import functools
@@ -18,6 +18,7 @@ from timm.models import get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from .errors import HubUnavailableError, UnknownModelError, WeightsError
+from .synthetic import SYNTHETIC_SIDE, SYNTHETIC_VERSION, plant_demo
 
 RANDOM_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -95,8 +96,9 @@ class LoadedModel:
     Attributes:
         spec: What was asked for.
         model: The timm VisionTransformer, in eval mode.
-        weights: How the weights were chosen: ``hub``, ``random`` or the file name.
-        fingerprint: Identifies the exact weights (content hash, hub revision or random seed).
+        weights: How the weights were chosen: ``hub``, ``random``, ``synthetic`` or the file name.
+        fingerprint: Identifies the exact weights (content hash, hub revision, random seed or
+            synthetic demo version).
         lock: Held while a forward pass runs; capture briefly changes the model's input size.
     """
 
@@ -143,8 +145,11 @@ def load_model(
 
     Args:
         name: A preset name or any timm Vision Transformer name.
-        weights: ``hub`` (pretrained, Hugging Face cache first), ``random`` (seeded), or a
-            path to a .safetensors/.pth/.pt file in timm or original DINOv2 key layout.
+        weights: ``hub`` (pretrained, Hugging Face cache first), ``random`` (seeded),
+            ``synthetic`` (random weights at 224 px with high-norm tokens planted at fixed cells
+            from the middle block, for models without registers; see ``vitlens.synthetic``;
+            not a trained model), or a path to a .safetensors/.pth/.pt file in timm or original
+            DINOv2 key layout.
         device: Where the model runs.
         model_args: Extra timm constructor arguments (tests use them for tiny models).
 
@@ -159,6 +164,9 @@ def load_model(
     elif str(weights) == "random":
         model, fingerprint = _random(spec, model_args)
         label = "random"
+    elif str(weights) == "synthetic":
+        model, fingerprint = _synthetic(spec, model_args)
+        label = "synthetic"
     else:
         path = Path(weights)
         model, fingerprint = _from_file(spec, path, model_args)
@@ -175,6 +183,8 @@ def weights_fingerprint(spec: ModelSpec, weights: str | os.PathLike, model_args:
     model_args = dict(model_args or {})
     if str(weights) == "random":
         return _random_fingerprint(model_args)
+    if str(weights) == "synthetic":
+        return _synthetic_fingerprint(model_args)
     if str(weights) == "hub":
         repo = _hub_repo(spec)
         cached = _cached_hub_file(repo)
@@ -187,6 +197,10 @@ def weights_fingerprint(spec: ModelSpec, weights: str | os.PathLike, model_args:
 
 def _random_fingerprint(model_args: dict) -> str:
     return f"random:seed{RANDOM_SEED}:{sorted(model_args.items())}"
+
+
+def _synthetic_fingerprint(model_args: dict) -> str:
+    return f"synthetic:v{SYNTHETIC_VERSION}:seed{RANDOM_SEED}:{sorted(model_args.items())}"
 
 
 def _hub_fingerprint(repo: str, cached: Path) -> str:
@@ -214,6 +228,13 @@ def _random(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str]:
         torch.manual_seed(RANDOM_SEED)
         model = _create(spec, model_args, pretrained=False)
     return model, _random_fingerprint(model_args)
+
+
+def _synthetic(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str]:
+    """Random weights built for ``SYNTHETIC_SIDE`` px, with the demo's outliers planted (no registers only)."""
+    model, _ = _random(spec, {"img_size": SYNTHETIC_SIDE, **model_args})
+    plant_demo(model)
+    return model, _synthetic_fingerprint(model_args)
 
 
 def _hub_repo(spec: ModelSpec) -> str:

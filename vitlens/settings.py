@@ -89,7 +89,7 @@ class Settings:
             raise UnknownModelError(f"Model '{name}' is not offered here; choose one of {', '.join(self.allowed_models)}.")
 
     def resolve_weights(self, weights: str) -> str:
-        """``hub`` or ``random`` as they are; a file name becomes its path inside ``weights_dir``.
+        """``hub``, ``random`` or ``synthetic`` as they are; a file name becomes its path inside ``weights_dir``.
 
         Only bare file names with a weights suffix are accepted, so a request can never
         reach a file outside the folder the operator chose.
@@ -97,11 +97,11 @@ class Settings:
         Raises:
             WeightsError: local files are not enabled, the name is a path, or no such file.
         """
-        if weights in ("hub", "random"):
+        if weights in ("hub", "random", "synthetic"):
             return weights
         if self.weights_dir is None:
             raise WeightsError("Local weights files are not enabled here (VITLENS_WEIGHTS_DIR is not set); "
-                               "use hub or random weights.")
+                               "use hub, random or synthetic demo weights.")
         if not weights or weights != Path(weights).name or weights.startswith(".") or "\\" in weights:
             raise WeightsError(f"Weights must be a file name inside the weights folder, not a path ('{weights[:80]}').")
         if not weights.lower().endswith(_WEIGHT_SUFFIXES):

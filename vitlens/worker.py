@@ -38,7 +38,7 @@ class _Ready:
 
     job: ClaimedJob
     spec: JobSpec
-    weights: str  # resolved: hub, random or a path inside Settings.weights_dir
+    weights: str  # resolved: hub, random, synthetic or a path inside Settings.weights_dir
     options: CaptureOptions  # with the worker's precision applied
     images: tuple[DecodedImage, ...]
 
