@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="per-layer token norms, outliers and prefix attention of one image")
     inspect.add_argument("image", type=Path)
     inspect.add_argument("--model", required=True, help="a preset (see `models`) or any timm ViT name")
-    inspect.add_argument("--weights", default="hub", help="hub (default), random, or a .safetensors/.pth/.pt file")
+    inspect.add_argument("--weights", default="hub", help="hub (default), random, synthetic (demo: random weights with planted outliers, not a trained model), or a .safetensors/.pth/.pt file")
     inspect.add_argument("--size", type=int, default=None, help="longer input side in pixels (default: the model's own)")
     inspect.add_argument("--threshold", default="auto", help="outlier norm threshold: auto (default) or a number")
     inspect.add_argument("--no-antialias", action="store_true", help="resample position embeddings without antialiasing")
