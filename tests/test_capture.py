@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitlens.capture import capture, input_grid, neighbor_similarity, record
+from vitlens.capture import capture, input_resolution, neighbor_similarity, record
 from vitlens.layout import TokenLayout
 
 
@@ -210,12 +210,12 @@ def test_changed_grid_restores_the_model(tiny_model, pixels):
         assert torch.equal(model.forward_features(x), before)
 
 
-def test_input_grid_restores_on_error(tiny_vit):
+def test_input_resolution_restores_on_error(tiny_vit):
     model = tiny_vit.model
     pos_embed = model.pos_embed
     with pytest.raises(_Boom):
-        with input_grid(model, (2, 3)):
-            assert tuple(model.patch_embed.grid_size) == (2, 3)
+        with input_resolution(model, (28, 42)) as grid:
+            assert grid == tuple(model.patch_embed.grid_size) == (2, 3)
             assert model.pos_embed.shape[1] == 1 + 6
             raise _Boom()
     assert model.pos_embed is pos_embed and tuple(model.patch_embed.grid_size) == (4, 4)
@@ -294,3 +294,20 @@ def test_cuda_capture_matches_the_cpu(tiny_model, pixels, precision):
         np.testing.assert_allclose(trace.attention, reference.attention, **tolerance)
         np.testing.assert_allclose(trace.attention.sum(-1), 1.0, atol=1e-4)
     assert _hook_count(on_gpu.model) == 0
+
+
+@pytest.mark.parametrize("name, prefix_names, stride", [
+    ("deit_tiny_distilled_patch16_224", ["cls", "dist"], 16),  # [cls, dist, patches]
+    ("vit_tiny_r_s16_p8_224", ["cls"], 32),  # hybrid: ResNet stem (stride 4) then 8 px patches
+])
+def test_layout_and_grid_come_from_the_model(name, prefix_names, stride):
+    from vitlens.models import load_model
+
+    loaded = load_model(name, "random", model_args=dict(depth=1))
+    assert loaded.patch_size == stride
+    trace = capture(loaded, torch.randn(1, 3, 3 * stride, 5 * stride))[0]
+    assert trace.layout.grid == (3, 5)
+    assert trace.layout.prefix_names() == prefix_names
+    assert trace.norms.shape == (1, len(prefix_names) + 15)
+    assert trace.attention.shape[2] == len(prefix_names)
+    np.testing.assert_allclose(trace.attention.sum(-1), 1.0, atol=1e-5)

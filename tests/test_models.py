@@ -292,3 +292,8 @@ def test_token_layout_is_read_from_the_model(name, args, expected):
                                                   [layout.num_prefix + 3 + i for i in range(3)]]
     with pytest.raises(ValueError):
         layout.patch_grid(values[:-1])
+
+
+def test_blocks_without_standard_attention_are_refused_by_name():
+    with pytest.raises(UnknownModelError, match="ParallelScalingBlock"):
+        load_model("vit_pwee_patch16_reg1_gap_256", "random", model_args=dict(depth=1))

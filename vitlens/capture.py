@@ -80,14 +80,13 @@ def capture(
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; norms and softmax stay float32).
     """
     model = loaded.model
-    patch = loaded.patch_size
-    grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
-    layout = TokenLayout.from_model(model, grid)
     state_layers = sorted({_check_layer(layer, len(model.blocks)) for layer in state_layers})
-    with loaded.lock, input_grid(model, grid, antialias), record(model, layout.num_prefix, state_layers) as recorder:
+    input_size = tuple(pixels.shape[-2:])
+    with loaded.lock, input_resolution(model, input_size, antialias) as grid, \
+            record(model, model.num_prefix_tokens, state_layers) as recorder:
         with torch.inference_mode(), _autocast(loaded.device, precision):
             model.forward_features(pixels.to(loaded.device))
-    return recorder.traces(layout, tuple(pixels.shape[-2:]))
+    return recorder.traces(TokenLayout.from_model(model, grid), input_size)
 
 
 def _check_layer(layer: int, num_layers: int) -> int:
@@ -105,25 +104,26 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 
 @contextlib.contextmanager
-def input_grid(model: VisionTransformer, grid: tuple[int, int], antialias: bool = True) -> Iterator[None]:
-    """Temporarily set the model's input grid, resampling position embeddings (bicubic)."""
-    native_grid = tuple(model.patch_embed.grid_size)
-    if grid == native_grid:
-        yield
-        return
-    saved_img_size, saved_pos_embed = model.patch_embed.img_size, model.pos_embed
-    patch = model.patch_embed.patch_size
+def input_resolution(model: VisionTransformer, size: tuple[int, int], antialias: bool = True) -> Iterator[tuple[int, int]]:
+    """Temporarily set the model's input size; yields the patch grid (rows, cols) of that size.
+
+    Position embeddings are resampled (bicubic, optionally antialiased) when the grid changes;
+    the model's own size and position embeddings are restored afterwards.
+    """
+    patch_embed = model.patch_embed
+    native_size, native_grid, native_pos_embed = patch_embed.img_size, tuple(patch_embed.grid_size), model.pos_embed
     try:
-        model.patch_embed.set_input_size(img_size=(grid[0] * patch[0], grid[1] * patch[1]))
-        if saved_pos_embed is not None:
+        patch_embed.set_input_size(img_size=size)
+        grid = tuple(patch_embed.grid_size)
+        if native_pos_embed is not None and grid != native_grid:
             num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-            resampled = resample_abs_pos_embed(saved_pos_embed.detach(), new_size=list(grid), old_size=list(native_grid),
+            resampled = resample_abs_pos_embed(native_pos_embed.detach(), new_size=list(grid), old_size=list(native_grid),
                                                num_prefix_tokens=num_prefix, antialias=antialias)
             model.pos_embed = torch.nn.Parameter(resampled, requires_grad=False)
-        yield
+        yield grid
     finally:
-        model.patch_embed.set_input_size(img_size=saved_img_size)
-        model.pos_embed = saved_pos_embed
+        patch_embed.set_input_size(img_size=native_size)
+        model.pos_embed = native_pos_embed
 
 
 class _Recorder:

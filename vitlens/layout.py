@@ -13,26 +13,30 @@ class TokenLayout:
 
     Attributes:
         num_cls: 1 when the model has a class token, else 0.
-        num_registers: Register tokens right after the class token.
+        num_registers: Register tokens after the class (and distillation) token.
         grid: Patch grid (rows, cols) of this input size.
+        num_distill: 1 for DeiT's distillation token, right after the class token, else 0.
     """
 
     num_cls: int
     num_registers: int
     grid: tuple[int, int]
+    num_distill: int = 0
 
     @classmethod
     def from_model(cls, model: VisionTransformer, grid: tuple[int, int]) -> TokenLayout:
-        num_cls = 1 if getattr(model, "cls_token", None) is not None else 0
-        num_registers = int(getattr(model, "num_reg_tokens", 0))
-        if num_cls + num_registers != model.num_prefix_tokens:
-            raise ValueError(f"{type(model).__name__} has {model.num_prefix_tokens} prefix tokens, "
-                             f"not {num_cls} class + {num_registers} register tokens")
-        return cls(num_cls=num_cls, num_registers=num_registers, grid=(int(grid[0]), int(grid[1])))
+        layout = cls(num_cls=1 if getattr(model, "cls_token", None) is not None else 0,
+                     num_registers=int(getattr(model, "num_reg_tokens", 0)),
+                     grid=(int(grid[0]), int(grid[1])),
+                     num_distill=1 if getattr(model, "dist_token", None) is not None else 0)
+        if layout.num_prefix != model.num_prefix_tokens:
+            raise ValueError(f"{type(model).__name__} has {model.num_prefix_tokens} prefix tokens, not "
+                             f"{layout.num_cls} class + {layout.num_distill} distillation + {layout.num_registers} register tokens")
+        return layout
 
     @property
     def num_prefix(self) -> int:
-        return self.num_cls + self.num_registers
+        return self.num_cls + self.num_distill + self.num_registers
 
     @property
     def num_patches(self) -> int:
@@ -48,15 +52,15 @@ class TokenLayout:
 
     @property
     def registers(self) -> slice:
-        return slice(self.num_cls, self.num_prefix)
+        return slice(self.num_cls + self.num_distill, self.num_prefix)
 
     @property
     def patches(self) -> slice:
         return slice(self.num_prefix, self.num_tokens)
 
     def prefix_names(self) -> list[str]:
-        """Names of the prefix tokens in order: ``cls``, ``reg0``, ``reg1``, ..."""
-        return ["cls"] * self.num_cls + [f"reg{i}" for i in range(self.num_registers)]
+        """Names of the prefix tokens in order: ``cls``, ``dist``, ``reg0``, ``reg1``, ..."""
+        return ["cls"] * self.num_cls + ["dist"] * self.num_distill + [f"reg{i}" for i in range(self.num_registers)]
 
     def patch_grid(self, values: np.ndarray) -> np.ndarray:
         """Patch-token values ``[..., token]`` (all tokens) as ``[..., rows, cols]``."""

@@ -110,7 +110,8 @@ class LoadedModel:
 
     @property
     def patch_size(self) -> int:
-        return self.model.patch_embed.patch_size[0]
+        """Pixels per patch side (for a hybrid CNN stem, its whole stride)."""
+        return self.model.patch_embed.feat_ratio()
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -220,7 +221,15 @@ def _create(spec: ModelSpec, model_args: dict, **kwargs: Any) -> VisionTransform
         raise UnknownModelError(f"Could not build '{spec.arch}': {error}") from error
     if not isinstance(model, VisionTransformer):
         raise UnknownModelError(f"'{spec.name}' is a timm {type(model).__name__}, not a Vision Transformer.")
+    unsupported = next((block for block in model.blocks if not _has_qkv_attention(block)), None)
+    if unsupported is not None:
+        raise UnknownModelError(f"'{spec.name}' uses {type(unsupported).__name__} blocks; vitlens reads attention only "
+                                "from timm's standard attention (a fused attn.qkv projection).")
     return model
+
+
+def _has_qkv_attention(block: torch.nn.Module) -> bool:
+    return isinstance(getattr(getattr(block, "attn", None), "qkv", None), torch.nn.Linear)
 
 
 def _random(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str]:
