@@ -38,14 +38,19 @@ from vitlens.images import GALLERY, DecodedImage, decode_image, gallery_image, i
 from vitlens.models import PRESETS, WEIGHT_SUFFIXES, ModelSpec, resolve_spec
 from vitlens.settings import Settings
 from vitlens.store import CaptureOptions, TraceStore
+from vitlens.synthetic import DEMO_CELLS, SYNTHETIC_SIDE, demo_layer
 
 UPLOAD_PREFIX = "upload-"
 WEIGHTS_UPLOAD_PREFIX = "upload:"
 WEIGHTS_FILE_PREFIX = "file:"
 MAX_UPLOAD_BYTES = 512 * 2**20  # decoded uploads kept in memory (shared by sessions, so a URL can name them)
 STATES_BUDGET = 20_000  # layers x tokens: up to this, an embedding capture keeps every layer's vectors
-HUB_RETRY_S = 300.0  # after a hub failure, use random weights without asking the hub again for this long
+HUB_RETRY_S = 300.0  # after a hub failure, use the offline fallback without asking the hub again for this long
+NAMED_WEIGHTS = ("hub", "synthetic", "random")  # weights choices that are not files
+OFFLINE_WEIGHTS = "synthetic"  # what the app shows when pretrained weights cannot be had (random if it cannot be built)
 RANDOM_NOTE = "random weights: no artifacts expected"
+SYNTHETIC_NOTE = "synthetic demo: planted artifacts"
+SYNTHETIC_TWIN_NOTE = "synthetic demo, registers: no planted artifacts"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,12 +374,12 @@ def add_weights_upload(name: str, content: bytes) -> str:
 
 
 def weights_path(weights: str) -> str:
-    """What ``load_model`` takes: ``hub``, ``random`` or a path; never a path typed in the browser.
+    """What ``load_model`` takes: ``hub``, ``synthetic``, ``random`` or a path; never a path typed in the browser.
 
     Raises:
         WeightsError: a file choice that is not a plain name in the weights folder (or uploads).
     """
-    if weights in ("hub", "random"):
+    if weights in NAMED_WEIGHTS:
         return weights
     if weights.startswith(WEIGHTS_FILE_PREFIX):
         return settings().resolve_weights(weights[len(WEIGHTS_FILE_PREFIX):])
@@ -384,20 +389,24 @@ def weights_path(weights: str) -> str:
         if name != Path(name).name or name.startswith(".") or not path.is_file():
             raise WeightsError("The uploaded weights file is not on this server any more; upload it again.")
         return str(path)
-    raise WeightsError(f"Weights must be hub, random or a weights file, not '{weights[:80]}'.")
+    raise WeightsError(f"Weights must be hub, synthetic, random or a weights file, not '{weights[:80]}'.")
 
 
-def weights_label(weights: str) -> str:
+def weights_label(weights: str, registers: bool | None = None) -> str:
+    """How the weights are named in titles and legends; the synthetic demo says what it is
+    (``registers``: whether the model has registers, None when unknown)."""
     if weights == "hub":
         return "pretrained"
     if weights == "random":
         return RANDOM_NOTE
+    if weights == "synthetic":
+        return {True: SYNTHETIC_TWIN_NOTE, False: SYNTHETIC_NOTE, None: "synthetic demo"}[registers]
     return weights.split(":", 1)[-1]
 
 
 def _weights_id(weights: str) -> str:
     """Weights plus, for files, size and modification time (so a replaced file is not served stale)."""
-    if weights in ("hub", "random"):
+    if weights in NAMED_WEIGHTS:
         return weights
     stat = Path(weights_path(weights)).stat()
     return f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -414,14 +423,10 @@ def _hub_failures() -> dict[str, tuple[float, str]]:
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """A model and its weights: ``hub``, ``random``, ``file:<name>`` or ``upload:<name>``."""
+    """A model and its weights: ``hub``, ``synthetic``, ``random``, ``file:<name>`` or ``upload:<name>``."""
 
     name: str
     weights: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({weights_label(self.weights)})"
 
 
 @dataclass(frozen=True)
@@ -444,7 +449,7 @@ class ModelRun:
 
     Attributes:
         choice: What was asked for.
-        weights: The weights used (``random`` when the hub could not be reached).
+        weights: The weights used (``OFFLINE_WEIGHTS`` or ``random`` when the hub could not be reached).
         note: Why the weights differ from the choice, or None.
         traces: One per image, in request order.
         ids: Cache ids of the traces (for ``st.cache_data`` keys).
@@ -458,13 +463,14 @@ class ModelRun:
 
     @property
     def label(self) -> str:
-        """Full label, for panel titles: says when weights are random."""
-        return f"{self.choice.name} ({weights_label(self.weights)})"
+        """Full label, for panel titles: says when weights are random or the synthetic demo."""
+        return f"{self.choice.name} ({weights_label(self.weights, self.num_registers > 0)})"
 
     @property
     def short(self) -> str:
         """Short label, for legends."""
-        return f"{self.choice.name} ({'random weights' if self.weights == 'random' else weights_label(self.weights)})"
+        words = "random weights" if self.weights == "random" else weights_label(self.weights, self.num_registers > 0)
+        return f"{self.choice.name} ({words})"
 
     @property
     def num_registers(self) -> int:
@@ -493,6 +499,29 @@ class Captured:
     @property
     def notes(self) -> list[str]:
         return [run.note for run in self.runs if run.note]
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether any model shows the synthetic demo."""
+        return any(run.weights == "synthetic" for run in self.runs)
+
+
+def synthetic_note(result: Captured) -> str:
+    """What the synthetic demo is, in the words of this request's models (markdown)."""
+    planted = [run for run in result.runs if run.weights == "synthetic" and not run.num_registers]
+    clean = [run for run in result.runs if run.weights == "synthetic" and run.num_registers]
+    parts = ["**Synthetic demo, not a trained model.**"]
+    if planted:
+        run = planted[0]
+        parts.append(f"Random weights in which `{run.choice.name}` has high-norm tokens planted at {len(DEMO_CELLS)} fixed "
+                     f"cells from block {demo_layer(run.num_layers)} of {run.num_layers} on (exact at {SYNTHETIC_SIDE} px, "
+                     "the same cells whatever the picture).")
+    else:
+        parts.append("Random weights; models with registers get nothing planted.")
+    if clean:
+        parts.append(f"`{clean[0].choice.name}`, with registers, is left clean.")
+    parts.append("Attention and embeddings are those of random weights.")
+    return " ".join(parts)
 
 
 def compute_traces(
@@ -545,22 +574,32 @@ def _capture(request: Request, state_layers: tuple[int, ...], job: Job) -> Captu
             job.report(index * len(images) + done, total, f"{name}: {done} of {count} images")
 
         job.report(index * len(images), total, f"loading {choice.name}")
-        weights, note = choice.weights, None
-        failure = _hub_failures().get(choice.name)
-        if weights == "hub" and failure and time.monotonic() - failure[0] < HUB_RETRY_S:
-            weights, note = "random", failure[1]
         options = CaptureOptions(side=request.side, state_layers=state_layers)
-        try:
-            traces = compute_traces(images, choice.name, weights, options, progress)
-        except HubUnavailableError as error:
-            if weights != "hub":
-                raise
-            _hub_failures()[choice.name] = (time.monotonic(), str(error))
-            weights, note = "random", str(error)
-            traces = compute_traces(images, choice.name, weights, options, progress)
+        failure = _hub_failures().get(choice.name)
+        if choice.weights == "hub" and failure and time.monotonic() - failure[0] < HUB_RETRY_S:
+            (weights, traces), note = _offline_traces(images, choice.name, options, progress), failure[1]
+        else:
+            weights, note = choice.weights, None
+            try:
+                traces = compute_traces(images, choice.name, weights, options, progress)
+            except HubUnavailableError as error:
+                if weights != "hub":
+                    raise
+                _hub_failures()[choice.name] = (time.monotonic(), str(error))
+                (weights, traces), note = _offline_traces(images, choice.name, options, progress), str(error)
         ids = tuple(f"{choice.name}|{_weights_id(weights)}|{image.digest}|{request.side}|{state_layers}" for image in images)
         runs.append(ModelRun(choice=choice, weights=weights, note=note, traces=tuple(traces), ids=ids))
     return Captured(request=request, runs=tuple(runs))
+
+
+def _offline_traces(images: Sequence[DecodedImage], name: str, options: CaptureOptions,
+                    progress: Callable[[int, int], None]) -> tuple[str, list[Trace]]:
+    """Traces with the weights used when pretrained ones are unavailable: the synthetic demo, or
+    random weights for a model the demo cannot plant (no absolute position embeddings, gated MLP)."""
+    try:
+        return OFFLINE_WEIGHTS, compute_traces(images, name, OFFLINE_WEIGHTS, options, progress)
+    except WeightsError:
+        return "random", compute_traces(images, name, "random", options, progress)
 
 
 def captured(request: Request, state_layers: tuple[int, ...] = ()) -> Captured:
@@ -626,7 +665,8 @@ def norm_maps(request: Request, ref: str, layer: int, post_norm: bool, threshold
             values, outliers = trace.patch_norms()[layer], outliers_of(run, index, threshold).layer(layer)
             where = f"layer {layer}"
         threshold_text = "no high mode" if outliers.threshold is None else f"threshold {outliers.threshold:.4g}"
-        title = f"{run.label}<br><sup>{where} · {outliers.count} outliers ({threshold_text}) · {run.num_registers} registers</sup>"
+        title = (f"{run.choice.name}<br><sup>{weights_label(run.weights, run.num_registers > 0)}<br>"
+                 f"{where} · {outliers.count} outliers ({threshold_text}) · {run.num_registers} registers</sup>")
         overlays.append(Overlay(title=title, values=values, image=display_uri(ref, trace), mask=outliers.mask, colorbar=kind))
         found.append(outliers)
         for (row, col), value in np.ndenumerate(values):

@@ -2,7 +2,9 @@
 
 Grids are drawn in cell coordinates: x is the patch column, y the patch row (0 at the top), so
 hover shows row and col directly and the picture is stretched under the cells it was cut into.
-Layers are 0-based block indices everywhere, as in the CLI.
+Grid figures get a fixed pixel width and a height computed from the grid's aspect ratio, so the
+map fills its plot area and a colour bar as tall as the plot area is as tall as the map (the
+app draws them at that width). Layers are 0-based block indices everywhere, as in the CLI.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ NORMAL_COLOUR = "#8da0cb"
 OUTLIER_COLOUR = "#e41a1c"
 CLS_COLOUR = "#111111"
 REGISTER_COLOUR = "#1b9e77"
+IMAGE_COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#9d755d", "#72b7b2", "#bab0ac", "#eeca3b")
+IMAGE_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "triangle-down", "pentagon", "hexagon")
+COLOURBAR_PX = 80  # what a vertical colour bar with tick labels and a title takes beside the plot
 DOWNLOAD_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
@@ -105,7 +110,8 @@ def _overlay_traces(overlay: Overlay, opacity: float, coloraxis: str | None, sho
         traces.append(go.Scatter(
             x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False, name="colour bar",
             marker=dict(colorscale=HEAT, cmin=low, cmax=high, color=[low], showscale=True,
-                        colorbar=dict(title=dict(text=overlay.colorbar, side="right")))))
+                        colorbar=dict(title=dict(text=overlay.colorbar, side="right"), thickness=14, len=1,
+                                      lenmode="fraction", y=0.5, yanchor="middle"))))
     if overlay.mask is not None and overlay.mask.any():
         xs, ys = outline_path(overlay.mask)
         traces.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=OUTLINE, width=2.5), name="outlier cells",
@@ -119,29 +125,55 @@ def _background(overlay: Overlay, xref: str = "x", yref: str = "y") -> dict:
                 sizing="stretch", xanchor="left", yanchor="top", layer="below")
 
 
-def overlay_figure(overlay: Overlay, opacity: float = 0.6, height: int = 520) -> go.Figure:
-    """A heat map over its picture, outlier cells outlined, hover with row, col and value."""
+def grid_plot_height(grid: tuple[int, int], plot_width: float) -> float:
+    """Height in pixels of a plot area ``plot_width`` wide that shows ``grid`` with square cells."""
+    rows, cols = grid
+    return plot_width * rows / cols
+
+
+def overlay_figure(overlay: Overlay, opacity: float = 0.6, width: int = 460, max_height: int = 900) -> go.Figure:
+    """A heat map over its picture, outlier cells outlined, hover with row, col and value.
+
+    The figure is ``width`` pixels wide and as tall as square cells need (at most ``max_height``).
+    """
     fig = go.Figure(_overlay_traces(overlay, opacity, None, show_outline_legend=True))
     if overlay.image:
         fig.add_layout_image(_background(overlay))
     _cell_axes(fig, overlay.grid)
-    fig.update_layout(title=dict(text=overlay.title), height=height, margin=dict(l=60, r=10, t=70, b=50),
-                      legend=dict(orientation="h", y=-0.08, x=0), plot_bgcolor="rgba(0,0,0,0)")
+    margin = dict(l=50, r=10, t=44 + 21 * overlay.title.count("<br>"), b=85)
+    plot_height = grid_plot_height(overlay.grid, width - margin["l"] - margin["r"] - COLOURBAR_PX)
+    height = int(min(max_height, max(160.0, plot_height) + margin["t"] + margin["b"]))
+    fig.update_layout(title=dict(text=overlay.title), width=width, height=height, margin=margin,
+                      legend=dict(orientation="h", yanchor="top", y=-45 / max(plot_height, 1), x=0),
+                      plot_bgcolor="rgba(0,0,0,0)")
     return fig
 
 
 def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int | None = None,
-                 colorbar: str = "attention", height_per_row: int = 300, title: str | None = None) -> go.Figure:
-    """Several heat maps (same grid) side by side on one shared colour scale."""
+                 colorbar: str = "attention", width: int = 900, title: str | None = None,
+                 shared_scale: bool = True) -> go.Figure:
+    """Several heat maps (same grid) side by side, ``width`` pixels wide, square cells.
+
+    ``shared_scale``: one colour scale for all maps (from the lowest value to the 99.5th
+    percentile of all of them), else each map its own (its minimum to its maximum) with a thin
+    colour bar beside it.
+    """
     columns = columns or len(overlays)
     rows = -(-len(overlays) // columns)
+    grid = overlays[0].grid
+    margin = dict(l=10, r=COLOURBAR_PX + 10 if shared_scale else 50, t=70 if title else 40, b=40)
+    plot_width = width - margin["l"] - margin["r"]
+    gap, row_gap = (14 if shared_scale else 62), 44  # pixels between maps: a thin colour bar fits in 62
+    cell_width = (plot_width - gap * (columns - 1)) / columns
+    cell_height = grid_plot_height(grid, cell_width)
+    plot_height = rows * cell_height + (rows - 1) * row_gap
     fig = make_subplots(rows=rows, cols=columns, subplot_titles=[o.title for o in overlays],
-                        horizontal_spacing=0.03, vertical_spacing=0.12 if rows > 1 else 0.08)
+                        horizontal_spacing=gap / plot_width, vertical_spacing=row_gap / plot_height if rows > 1 else 0.0)
     fig.update_annotations(font_size=13)
-    values = np.concatenate([o.values.ravel() for o in overlays])
     for index, overlay in enumerate(overlays):
         row, col = index // columns + 1, index % columns + 1
-        for trace in _overlay_traces(overlay, opacity, "coloraxis", show_outline_legend=index == 0):
+        axis = "coloraxis" if shared_scale or index == 0 else f"coloraxis{index + 1}"
+        for trace in _overlay_traces(overlay, opacity, axis, show_outline_legend=index == 0):
             fig.add_trace(trace, row=row, col=col)
         suffix = "" if index == 0 else str(index + 1)
         if overlay.image:
@@ -149,12 +181,25 @@ def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int
         _cell_axes(fig, overlay.grid, row=row, col=col, anchor=f"x{suffix}")
         fig.update_xaxes(showticklabels=False, title_text=None, row=row, col=col)
         fig.update_yaxes(showticklabels=False, title_text=None, row=row, col=col)
-    fig.update_layout(coloraxis=dict(colorscale=HEAT, cmin=float(values.min()), cmax=float(np.quantile(values, 0.995)),
-                                     colorbar=dict(title=dict(text=colorbar, side="right"))),
-                      height=height_per_row * rows + 80, margin=dict(l=10, r=10, t=70 if title else 40, b=10),
+        if not shared_scale:
+            fig.update_layout({axis: _own_scale(overlay, fig.layout[f"xaxis{suffix}"].domain, fig.layout[f"yaxis{suffix}"].domain)})
+    if shared_scale:
+        values = np.concatenate([o.values.ravel() for o in overlays])
+        fig.update_layout(coloraxis=dict(colorscale=HEAT, cmin=float(values.min()), cmax=float(np.quantile(values, 0.995)),
+                                         colorbar=dict(title=dict(text=colorbar, side="right"), thickness=14)))
+    fig.update_layout(width=width, height=int(plot_height + margin["t"] + margin["b"]), margin=margin,
                       title=dict(text=title) if title else None, plot_bgcolor="rgba(0,0,0,0)",
-                      legend=dict(orientation="h", y=-0.05, x=0))
+                      legend=dict(orientation="h", yanchor="top", y=-8 / plot_height, x=0))
     return fig
+
+
+def _own_scale(overlay: Overlay, x_domain: Sequence[float], y_domain: Sequence[float]) -> dict:
+    """A colour axis spanning one map's values, its thin colour bar just right of the map."""
+    low, high = float(np.nanmin(overlay.values)), float(np.nanmax(overlay.values))
+    return dict(colorscale=HEAT, cmin=low, cmax=high if high > low else low + 1e-9,
+                colorbar=dict(x=x_domain[1] + 0.004, xanchor="left", y=(y_domain[0] + y_domain[1]) / 2, yanchor="middle",
+                              len=y_domain[1] - y_domain[0], thickness=9, tickfont=dict(size=9), nticks=3,
+                              tickformat=".4~g", outlinewidth=0))
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,7 +238,9 @@ def histogram_figure(histograms: Sequence[NormHistogram], log_y: bool = True, bi
                      post_norm: bool = False, height: int = 460) -> go.Figure:
     """Overlaid histograms of patch-token norms with each model's threshold drawn.
 
-    Each bar carries its bin edges as customdata, so a click on a bar can set the threshold.
+    Every model's bars are translucent and outlined by a step line of its colour, so where the
+    histograms overlap both stay visible. Each bar carries its bin edges as customdata, so a
+    click on a bar can set the threshold.
     """
     edges = histogram_edges(histograms, bins)
     centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
@@ -202,10 +249,11 @@ def histogram_figure(histograms: Sequence[NormHistogram], log_y: bool = True, bi
         colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
         counts, _ = np.histogram(hist.norms, bins=edges)
         fig.add_trace(go.Bar(
-            x=centres, y=counts, width=widths, name=hist.label, marker_color=colour, opacity=0.6,
+            x=centres, y=counts, width=widths, name=hist.label, marker_color=colour, opacity=0.35, legendgroup=hist.label,
             customdata=np.stack([edges[:-1], edges[1:]], axis=1).tolist(),  # lists: selection events return them as such
             hovertemplate="norm %{customdata[0]:.4g} to %{customdata[1]:.4g}<br>%{y} tokens<extra>%{fullData.name}</extra>",
         ))
+        fig.add_trace(_step_outline(edges, counts, colour, hist.label, log_y))
         if hist.threshold is not None:
             right_half = hist.threshold > (edges[0] + edges[-1]) / 2  # write the label on the side with room
             fig.add_vline(x=hist.threshold, line=dict(color=colour, dash="dash", width=2),
@@ -219,6 +267,23 @@ def histogram_figure(histograms: Sequence[NormHistogram], log_y: bool = True, bi
     fig.update_yaxes(title_text="tokens" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear",
                      dtick=1 if log_y else None)
     return fig
+
+
+def _step_outline(edges: np.ndarray, counts: np.ndarray, colour: str, label: str, log_y: bool) -> go.Scatter:
+    """The outline of a histogram: the top of every bin, joined where neighbours are drawn
+    (on a log scale empty bins cannot be drawn, so the line breaks there)."""
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    for low, high, count in zip(edges[:-1], edges[1:], counts):
+        if log_y and count == 0:
+            if xs and xs[-1] is not None:
+                xs.append(None)
+                ys.append(None)
+            continue
+        xs += [float(low), float(high)]
+        ys += [float(count), float(count)]
+    return go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=colour, width=1.6), name=f"{label} (outline)",
+                      legendgroup=label, showlegend=False, hoverinfo="skip")
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,30 +369,33 @@ def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], titl
                      highlight: tuple[int, int, int] | None = None) -> go.Figure:
     """Patch tokens (normal / outlier) and prefix tokens (CLS, registers) in 2-D.
 
-    Every patch point carries ``[image index, row, col, norm, image name]`` as customdata, so a
-    hover or a click tells which image and cell it is. ``highlight`` (image, row, col) rings one point.
+    With several images, normal patches are coloured by image and every patch point's symbol
+    names its image; outliers stay red (larger, dark edge) whatever the image. CLS (star) and
+    the registers (diamonds) are drawn last, CLS on top. Every patch point carries
+    ``[image index, row, col, norm, image name]`` as customdata, so a hover or a click tells
+    which image and cell it is. ``highlight`` (image, row, col) rings one point.
     """
     fig = go.Figure()
     names = np.array(list(image_names), dtype=object)
-    for label, selected, colour, size in (("normal patch", ~embedding.outlier, NORMAL_COLOUR, 5),
-                                          ("outlier patch", embedding.outlier, OUTLIER_COLOUR, 8)):
-        points = np.flatnonzero(selected)
-        custom = np.stack([embedding.image[points], embedding.row[points], embedding.col[points],
-                           np.round(embedding.norm[points], 2), names[embedding.image[points]]], axis=1) if points.size else None
-        fig.add_trace(go.Scattergl(
-            x=embedding.coords[points, 0], y=embedding.coords[points, 1], mode="markers", name=label,
-            marker=dict(color=colour, size=size, opacity=0.75), customdata=custom,
-            hovertemplate="%{customdata[4]}<br>row %{customdata[1]}, col %{customdata[2]}<br>norm (pre-final-norm) %{customdata[3]:.4g}<extra>"
-                          + label + "</extra>"))
+    symbols = np.array([IMAGE_SYMBOLS[i % len(IMAGE_SYMBOLS)] for i in range(len(names))], dtype=object)
+    if len(names) > 1:
+        groups = [(f"normal patch: {names[i]}", ~embedding.outlier & (embedding.image == i), IMAGE_COLOURS[i % len(IMAGE_COLOURS)])
+                  for i in range(len(names))]
+    else:
+        groups = [("normal patch", ~embedding.outlier, NORMAL_COLOUR)]
+    for label, selected, colour in groups:
+        fig.add_trace(_patch_points(embedding, names, symbols, selected, label, dict(color=colour, size=5, opacity=0.7)))
+    fig.add_trace(_patch_points(embedding, names, symbols, embedding.outlier, "outlier patch",
+                                dict(color=OUTLIER_COLOUR, size=10, opacity=0.9, line=dict(color="#4a0000", width=1))))
     names_prefix = np.array(embedding.prefix_names, dtype=object)
-    for label, selected, colour, symbol in (("CLS", names_prefix == "cls", CLS_COLOUR, "star"),
-                                            ("registers", names_prefix != "cls", REGISTER_COLOUR, "diamond")):
+    for label, selected, colour, symbol, size in (("registers", names_prefix != "cls", REGISTER_COLOUR, "diamond-open", 22),
+                                                  ("CLS", names_prefix == "cls", CLS_COLOUR, "star", 18)):
         points = np.flatnonzero(selected) if names_prefix.size else np.zeros(0, dtype=int)
         if not points.size:
             continue
-        fig.add_trace(go.Scattergl(  # WebGL like the patches, so these are drawn on top of them
+        fig.add_trace(go.Scattergl(  # WebGL like the patches and after them, so these are drawn on top
             x=embedding.prefix_coords[points, 0], y=embedding.prefix_coords[points, 1], mode="markers", name=label,
-            marker=dict(color=colour, size=13, symbol=symbol, line=dict(color="white", width=1)),
+            marker=dict(color=colour, size=size, symbol=symbol, line=dict(color=colour if symbol.endswith("-open") else "white", width=2)),
             customdata=np.stack([names[embedding.prefix_image[points]], names_prefix[points]], axis=1),
             hovertemplate="%{customdata[0]}<br>%{customdata[1]} token<extra></extra>"))
     if highlight is not None:
@@ -343,6 +411,21 @@ def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], titl
     fig.update_layout(title=dict(text=title) if title else None, height=height, margin=dict(l=60, r=10, t=60 if title else 20, b=50),
                       legend=dict(orientation="h", y=-0.12, x=0), xaxis_title=titles[0], yaxis_title=titles[1])
     return fig
+
+
+def _patch_points(embedding: TokenEmbedding, names: np.ndarray, symbols: np.ndarray, selected: np.ndarray, label: str,
+                  marker: dict) -> go.Scattergl:
+    """One trace of patch tokens; each point's symbol is its image's."""
+    points = np.flatnonzero(selected)
+    custom = np.stack([embedding.image[points], embedding.row[points], embedding.col[points],
+                       np.round(embedding.norm[points], 2), names[embedding.image[points]]], axis=1) if points.size else None
+    per_point = symbols[embedding.image[points]].tolist()
+    return go.Scattergl(
+        x=embedding.coords[points, 0], y=embedding.coords[points, 1], mode="markers", name=label,
+        marker=dict(marker, symbol=per_point if len(set(per_point)) > 1 else (per_point or ["circle"])[0]),
+        customdata=custom,
+        hovertemplate="%{customdata[4]}<br>row %{customdata[1]}, col %{customdata[2]}<br>norm (pre-final-norm) %{customdata[3]:.4g}<extra>"
+                      + label + "</extra>")
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ T = TypeVar("T")
 DEFAULT_MODEL = "dinov2_vits14_reg4"
 DEFAULT_IMAGES = ("astronaut", "cat")
 DEFAULT_SIDE = 224
-WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "random": "random weights", "file": "local weights file",
-                "upload": "upload a weights file"}
+WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "synthetic": "synthetic demo (planted artifacts)",
+                "random": "random weights", "file": "local weights file", "upload": "upload a weights file"}
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "embed_method",
-             "embed_model", "emergence_scope", "figure_format")  # page widgets whose values follow the user
+             "embed_model", "emergence_scope", "figure_format", "shared_scale")  # page widgets whose values follow the user
+MAIN_WIDTH = 900  # pixels the main column gives figures in a 1400-pixel window (grid figures are drawn this wide)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,11 +163,14 @@ def _model_and_images() -> data.Request | None:
     state = st.session_state
     st.subheader("Model")
     specs = data.presets()
-    labels = {spec.name: f"{spec.label} ({spec.name})" for spec in specs}
+    labels = {spec.name: spec.label for spec in specs}  # short enough for the sidebar; the name goes below
     if specs:
         if state.get("model") not in labels:
             state["model"] = specs[0].name
-        st.selectbox("Preset", list(labels), format_func=labels.get, key="model")
+        st.selectbox("Preset", list(labels), format_func=labels.get, key="model",
+                     help="\n".join(f"- {spec.label}: `{spec.name}`" for spec in specs))
+        if not (state.get("custom_model") or "").strip():
+            st.caption(f"`{state['model']}`")
     st.text_input("or any timm ViT name", key="custom_model", placeholder="e.g. vit_base_patch14_reg4_dinov2",
                   help="Overrides the preset while it is not empty.")
     name = model_name()
@@ -195,9 +199,13 @@ def _weights_controls(pair: str | None) -> tuple[str | None, str]:
     state = st.session_state
     st.radio("Weights", list(WEIGHT_MODES), format_func=WEIGHT_MODES.get, key="weights_mode", horizontal=False)
     mode = state["weights_mode"]
-    if mode in ("hub", "random"):
+    if mode in data.NAMED_WEIGHTS:
         if mode == "random":
             st.caption("Random weights: no artifacts expected (useful to check the app works offline).")
+        if mode == "synthetic":
+            st.caption("Not a trained model: random weights with high-norm tokens planted at fixed cells from the middle "
+                       "block of the model without registers (exact at 224 px); the twin with registers is left clean. "
+                       "Offline, pretrained weights fall back to this demo.")
         return mode, mode
     if mode == "file":
         files = data.weights_files()
@@ -213,7 +221,7 @@ def _weights_controls(pair: str | None) -> tuple[str | None, str]:
         st.selectbox("Weights file", files, key="weights_file")
         pair_weights = "random"
         if pair:
-            options = ["random"] + [data.WEIGHTS_FILE_PREFIX + f for f in files]
+            options = ["random", "synthetic"] + [data.WEIGHTS_FILE_PREFIX + f for f in files]
             if state.get("pair_weights") not in options:
                 state["pair_weights"] = "random"
             pair_weights = st.selectbox(f"Weights of {pair}", options, key="pair_weights", format_func=data.weights_label)
@@ -256,13 +264,20 @@ def _side_control(patch: int) -> int:
 
 
 def _on_upload() -> None:
+    """Add the uploader's new files; a file that failed is reported once, not again on later uploads
+    (it stays in the uploader until the user removes it)."""
     state = st.session_state
     errors, refs = [], list(state.get("images", []))
+    failed = state.setdefault("failed_uploads", set())  # uploader file ids
     for upload in state.get("image_uploads") or []:
+        file_id = getattr(upload, "file_id", None) or f"{upload.name}:{upload.size}"
+        if file_id in failed:
+            continue
         try:
             ref = data.add_upload(upload.name, upload.getvalue())
         except ImageError as error:
             errors.append(str(error))
+            failed.add(file_id)
             continue
         if ref not in refs:
             refs.append(ref)
@@ -380,11 +395,16 @@ def _wait(job: data.Job, area, while_waiting: Callable[[], None] | None) -> None
 
 
 def notes(result: data.Captured) -> None:
-    """Say when the weights differ from the choice (hub unreachable) and what to do about it."""
+    """Say when the weights differ from the choice (hub unreachable) and what to do about it, and
+    what the synthetic demo is whenever it is shown."""
     noted = [run for run in result.runs if run.note]
+    demo = data.synthetic_note(result) if result.synthetic else ""
     if noted:
+        used = "the synthetic demo" if result.synthetic else f"**{data.RANDOM_NOTE}**"
         lines = "\n".join(f"- {run.note}" for run in noted)
-        st.warning(f"Pretrained weights are not available, so these views use **{data.RANDOM_NOTE}**.\n\n{lines}")
+        st.warning(f"Pretrained weights are not available, so these views show {used}.\n\n{demo}\n\n{lines}")
+    elif demo:
+        st.info(demo)
 
 
 def layer_slider(num_layers: int, label: str = "Layer (block index, 0-based)") -> int:
@@ -409,7 +429,10 @@ def image_picker(request: data.Request, label: str = "Image") -> str:
 
 
 def chart(fig: go.Figure, key: str, **kwargs):
-    """Draw a figure with the download button configured for the sidebar's format."""
+    """Draw a figure with the download button configured for the sidebar's format (a figure that
+    sets its own width is drawn that wide, at most the container's width)."""
+    if fig.layout.width is not None:
+        kwargs.setdefault("width", "content")
     config = dict(figures.DOWNLOAD_CONFIG)
     config["toImageButtonOptions"] = dict(config["toImageButtonOptions"], format=st.session_state.get("figure_format", "png"),
                                           filename=key)

@@ -2,8 +2,8 @@
 
 Most tests use the tiny DINOv2-style pair (6 blocks, grid 8x8 at 112 px): the model without
 registers loads a weights file with outliers planted at known cells from block 3, the one with
-registers a clean file. One test opens the real default (ViT-S/14 pair) to check the offline
-hub message and the random-weights fallback.
+registers a clean file. Two tests open the real default (ViT-S/14 pair) to check the offline
+hub message and the synthetic-demo fallback.
 """
 import json
 
@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 from app_fixtures import APP, TINY, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models
 from conftest import PLANTED_CELLS, PLANTED_LAYER
 from vitlens.models import load_model
+from vitlens.synthetic import DEMO_CELLS
 
 TIMEOUT = 180
 PAGES = ["views/norm_maps.py", "views/histogram.py", "views/emergence.py", "views/attention.py",
@@ -86,14 +87,18 @@ def _title(figure: dict) -> str:
 
 
 def test_every_page_opens_offline_on_the_default_model():
-    at = _app(images="cat", side="112").run()
+    """Offline, pretrained weights fall back to the synthetic demo, which says what it is and shows its artifacts."""
+    at = _app(images="astronaut", side="224").run()
     _ok(at)
     assert at.title[0].value == "Norm maps"
-    warning = at.warning[0].value
-    assert "random weights: no artifacts expected" in warning
-    assert "python -m vitlens fetch dinov2_vits14_reg4" in warning and "python -m vitlens fetch dinov2_vits14" in warning
-    titles = [_title(f) for f in _figures(at)]
-    assert len(titles) == 2 and "dinov2_vits14_reg4 (random weights: no artifacts expected)" in titles[0]
+    (warning,) = at.warning
+    assert "Pretrained weights are not available, so these views show the synthetic demo" in warning.value
+    assert "Synthetic demo, not a trained model" in warning.value and "from block 6 of 12 on" in warning.value
+    assert "python -m vitlens fetch dinov2_vits14_reg4" in warning.value and "python -m vitlens fetch dinov2_vits14" in warning.value
+    with_registers, without = _figures(at)
+    assert _title(with_registers).startswith("dinov2_vits14_reg4<br><sup>synthetic demo, registers: no planted artifacts<br>")
+    assert _title(without).startswith("dinov2_vits14<br><sup>synthetic demo: planted artifacts<br>")
+    assert _outlined(without) == set(DEMO_CELLS) and _outlined(with_registers) == set()  # astronaut: grid 16x16
     for page, title in zip(PAGES[1:], TITLES[1:]):
         at.switch_page(page).run()
         _ok(at)
@@ -101,11 +106,26 @@ def test_every_page_opens_offline_on_the_default_model():
     assert at.markdown and "Vision Transformers Need Registers" in at.markdown[0].value
 
 
+def test_random_weights_are_one_click_away_and_the_demo_can_be_chosen():
+    at = _app(images="astronaut", side="224", weights="synthetic", layer="3").run()
+    _ok(at)
+    assert not at.warning and "Synthetic demo, not a trained model" in at.info[0].value
+    assert any("Not a trained model" in c.value for c in at.sidebar.caption)
+    assert _outlined(_figures(at)[1]) == set()  # layer 3: before the planted block
+    at.slider(key="layer").set_value(6).run()
+    assert _outlined(_figures(at)[1]) == set(DEMO_CELLS)
+    at.radio(key="weights_mode").set_value("random").run()
+    _ok(at)
+    assert not at.info and at.query_params["weights"] == "random"
+    assert [_outlined(f) for f in _figures(at)] == [set(), set()]
+    assert all("<sup>random weights: no artifacts expected<br>" in _title(f) for f in _figures(at))
+
+
 def test_norm_maps_outline_the_planted_cells_and_follow_layer_and_post_norm(weights_dir):
     at = _planted_app(weights_dir)
     _ok(at)
     planted, clean = _figures(at)
-    assert "vitlens_test_tiny_patch14_dinov2 (tiny_planted.safetensors)" in _title(planted)
+    assert _title(planted).startswith("vitlens_test_tiny_patch14_dinov2<br><sup>tiny_planted.safetensors<br>layer 4 · 3 outliers")
     assert _outlined(planted) == set(PLANTED_CELLS)
     assert _outlined(clean) == set()
     assert planted["layout"]["xaxis"]["range"] == [-0.5, 7.5] and planted["layout"]["yaxis"]["range"] == [7.5, -0.5]
@@ -149,8 +169,9 @@ def test_histogram_counts_follow_the_threshold(weights_dir):
     values = [m.value for m in at.metric]
     assert values[0] == "3 outliers" and values[1] == "0 outliers"  # planted model, clean model with registers
     figure = _figures(at)[0]
-    assert [t["type"] for t in figure["data"]] == ["bar", "bar"]
+    assert [t["type"] for t in figure["data"]] == ["bar", "scatter", "bar", "scatter"]  # bars and their outlines
     assert _array(figure["data"][0]["y"]).sum() == 64  # the upload's 8x8 grid
+    assert any(c.value.startswith("Patch-token norms at layer 4;") for c in at.caption)
 
     at.checkbox(key="threshold_auto").set_value(False).run()
     at.number_input(key="threshold_value").set_value(1e6).run()
@@ -159,13 +180,17 @@ def test_histogram_counts_follow_the_threshold(weights_dir):
     assert "threshold=1e%2B06" in _query_string(at) or at.query_params["threshold"] == "1e+06"
     lines = [s for s in _figures(at)[0]["layout"]["shapes"] if s["type"] == "line"]
     assert {s["x0"] for s in lines} == {1e6}
+    at.multiselect(key="extra_layers").set_value([2, 5]).run()
+    assert any(c.value.startswith("Patch-token norms pooled over layers 2, 4 and 5;") for c in at.caption)
 
 
 def test_emergence_marks_the_planted_layer(weights_dir):
     at = _planted_app(weights_dir)
     at.switch_page("views/emergence.py").run()
     _ok(at)
-    assert [m.value for m in at.metric] == [f"first outliers: layer {PLANTED_LAYER}", "first outliers: none"]
+    texts = [m.value for m in at.markdown]
+    assert any(f"first outliers at **layer {PLANTED_LAYER}**" in t for t in texts)
+    assert any(t.startswith(f"**{TINY_REG} (tiny_reg4.safetensors)**") and "no outliers in any layer" in t for t in texts)
     upload = at.multiselect(key="images").value[0]
     at.selectbox(key="emergence_scope").set_value(upload).run()
     _ok(at)
@@ -182,9 +207,15 @@ def test_attention_shows_cls_and_each_register(weights_dir):
     assert len(titles) == 6 and "<b>cls</b>" in titles[0] and "<b>reg3</b>" in titles[5]
     assert _outlined({"data": [t for t in maps["data"] if t.get("xaxis") == "x"]}) == set(PLANTED_CELLS)
     assert "CLS attention at layer 4" in [a["text"] for a in mass["layout"]["annotations"]]
+    assert "coloraxis6" in maps["layout"] and any("its own colour scale" in c.value for c in at.caption)
     at.selectbox(key="head").set_value(1).run()
     _ok(at)
-    assert "head 1" in _figures(at)[0]["layout"]["coloraxis"]["colorbar"]["title"]["text"]
+    assert "head 1" in _title(_figures(at)[0])
+    at.toggle(key="shared_scale").set_value(True).run()
+    _ok(at)
+    maps = _figures(at)[0]
+    assert "coloraxis2" not in maps["layout"] and "head 1" in maps["layout"]["coloraxis"]["colorbar"]["title"]["text"]
+    assert any("One colour scale for all maps" in c.value for c in at.caption)
 
 
 def test_a_model_without_registers_in_the_attention_view_says_so(weights_dir):
@@ -228,6 +259,11 @@ def test_bad_upload_gives_one_sentence_and_the_good_one_works(weights_dir):
     assert [e.value for e in at.error] == ["'broken.png' is not an image file vitlens can read."]
     assert len(at.multiselect(key="images").value) == 2
     assert len(_figures(at)) == 2
+    # the broken file stays in the uploader (same file id): its error is not repeated when another file is added
+    _add_upload(at, "image_uploads", "other.png", png_bytes(seed=4))
+    at.run()
+    assert not at.exception and not at.error
+    assert len(at.multiselect(key="images").value) == 3
 
 
 @pytest.mark.parametrize("name, message", [("no_such_vit", "Unknown model 'no_such_vit'"),
@@ -323,6 +359,16 @@ def test_cancelled_capture_says_so_and_runs_again(weights_dir):
     board.forget("k")
     again = board.run("k", "quick", lambda job: 42)
     assert again is not job and again.future.result(timeout=10) == 42 and board.result(again) == 42
+
+
+def _add_upload(at: AppTest, key: str, name: str, content: bytes) -> None:
+    """Add a file to an uploader that keeps its current files with their ids, as a browser does
+    (AppTest's ``set_value``/``upload`` would give every file a new id)."""
+    import uuid
+
+    uploader = at.file_uploader(key=key)
+    kept = [(f.file_id, f.name, f.getvalue(), f.type) for f in at.session_state[key] or []]
+    uploader._files = kept + [(str(uuid.uuid4()), name, content, "image/png")]
 
 
 def _query_string(at: AppTest) -> str:

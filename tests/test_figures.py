@@ -82,6 +82,18 @@ def test_image_uri_caps_the_size():
     assert decoded.size == (200, 100)
 
 
+def test_overlay_height_follows_the_grid_and_the_colour_bar_spans_the_plot():
+    square = figures.overlay_figure(Overlay("m", np.zeros((16, 16))), width=460)
+    wide = figures.overlay_figure(Overlay("m", np.zeros((11, 16))), width=460)
+    plot_width = 460 - square.layout.margin.l - square.layout.margin.r - figures.COLOURBAR_PX
+    for fig, rows in ((square, 16), (wide, 11)):
+        plot_height = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+        assert fig.layout.width == 460 and plot_height == pytest.approx(plot_width * rows / 16, abs=1)
+        (bar,) = [t for t in fig.data if t.type == "scatter" and t.marker.showscale]
+        assert bar.marker.colorbar.len == 1 and bar.marker.colorbar.lenmode == "fraction"
+    assert wide.layout.height < square.layout.height
+
+
 def test_overlay_grid_one_panel_per_map_on_one_colour_scale():
     overlays = [Overlay(f"q{i}", np.full((3, 4), float(i)), mask=_mask(cells=[(i, i)])) for i in range(3)]
     fig = figures.overlay_grid(overlays, columns=2, colorbar="attention")
@@ -95,6 +107,19 @@ def test_overlay_grid_one_panel_per_map_on_one_colour_scale():
     assert len(fig.layout.images) == 0
 
 
+def test_overlay_grid_gives_each_map_its_own_scale_and_colour_bar():
+    overlays = [Overlay(f"q{i}", np.arange(12, dtype=float).reshape(3, 4) * 10.0 ** -i) for i in range(3)]
+    fig = figures.overlay_grid(overlays, columns=3, shared_scale=False, width=900)
+    heats = [t for t in fig.data if t.type == "heatmap"]
+    assert [h.coloraxis for h in heats] == ["coloraxis", "coloraxis2", "coloraxis3"]
+    axes = [fig.layout.coloraxis, fig.layout.coloraxis2, fig.layout.coloraxis3]
+    assert [(a.cmin, a.cmax) for a in axes] == [(0.0, 11.0), (0.0, 1.1), (0.0, pytest.approx(0.11))]
+    for axis, suffix in zip(axes, ["", "2", "3"]):  # each bar beside its own map, as tall as the map's domain
+        x_domain, y_domain = fig.layout[f"xaxis{suffix}"].domain, fig.layout[f"yaxis{suffix}"].domain
+        assert x_domain[1] < axis.colorbar.x < x_domain[1] + 0.02
+        assert axis.colorbar.len == pytest.approx(y_domain[1] - y_domain[0])
+
+
 def test_histogram_counts_every_token_and_draws_each_threshold():
     rng = np.random.default_rng(0)
     plain = NormHistogram("plain", np.concatenate([rng.normal(20, 2, 980), rng.normal(200, 10, 20)]), threshold=100.0)
@@ -103,6 +128,12 @@ def test_histogram_counts_every_token_and_draws_each_threshold():
     bars = [t for t in fig.data if t.type == "bar"]
     assert [b.name for b in bars] == ["plain", "reg4"]
     assert all(sum(b.y) == 1000 for b in bars)
+    assert all(b.opacity < 0.5 for b in bars)  # translucent: the second model's bars do not hide the first's
+    outlines = [t for t in fig.data if t.type == "scatter"]
+    assert [(o.name, o.line.color) for o in outlines] == [("plain (outline)", bars[0].marker.color),
+                                                          ("reg4 (outline)", bars[1].marker.color)]
+    tops = {(x, y) for x, y in zip(outlines[0].x, outlines[0].y) if y is not None}
+    assert max(y for _, y in tops) == max(bars[0].y) and all(y > 0 for _, y in tops)  # log scale: no zero heights
     import json
 
     clicked = json.loads(fig.to_json())["data"][0]["customdata"][0]  # what a click on a bar sends back
@@ -148,14 +179,27 @@ def test_embedding_points_carry_image_and_cell():
     result = token_embedding(traces, layer=2)
     fig = figures.embedding_figure(result, ["a.png", "b.png"], highlight=(1, 2, 3))
     names = [t.name for t in fig.data]
-    assert names == ["normal patch", "outlier patch", "CLS", "registers", "selected"]
-    outlier = fig.data[1]
+    assert names == ["normal patch: a.png", "normal patch: b.png", "outlier patch", "registers", "CLS", "selected"]
+    normal_a, normal_b, outlier, registers, cls = fig.data[:5]
     assert sorted((c[4], int(c[1]), int(c[2])) for c in outlier.customdata) == [("a.png", 0, 1), ("b.png", 2, 3)]
-    assert len(fig.data[0].x) == 22 and len(fig.data[2].x) == 2 and len(fig.data[3].x) == 4
-    selected = fig.data[4]
+    assert {c[4] for c in normal_a.customdata} == {"a.png"} and {c[4] for c in normal_b.customdata} == {"b.png"}
+    assert len(normal_a.x) + len(normal_b.x) == 22 and len(cls.x) == 2 and len(registers.x) == 4
+    assert normal_a.marker.color != normal_b.marker.color and normal_a.marker.symbol != normal_b.marker.symbol
+    assert outlier.marker.color == figures.OUTLIER_COLOUR  # outliers stay red whatever the image, symbol by image
+    assert list(outlier.marker.symbol) == [normal_a.marker.symbol if c[4] == "a.png" else normal_b.marker.symbol
+                                           for c in outlier.customdata]
+    assert cls.marker.symbol == "star" and registers.marker.symbol == "diamond-open"  # CLS on top, inside the ring
+    selected = fig.data[5]
     index = np.flatnonzero((result.image == 1) & (result.row == 2) & (result.col == 3))[0]
     assert (selected.x[0], selected.y[0]) == pytest.approx(tuple(result.coords[index]))
     assert fig.layout.xaxis.title.text.startswith("PC1")
+
+
+def test_embedding_of_one_image_keeps_the_two_colours():
+    result = token_embedding([synthetic_trace(outliers={2: [(0, 1)]})], layer=2)
+    fig = figures.embedding_figure(result, ["a.png"])
+    assert [t.name for t in fig.data] == ["normal patch", "outlier patch", "registers", "CLS"]
+    assert fig.data[0].marker.color == figures.NORMAL_COLOUR and fig.data[1].marker.color == figures.OUTLIER_COLOUR
 
 
 def test_table_csv_quotes_names():

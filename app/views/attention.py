@@ -14,6 +14,7 @@ ui.notes(result)
 
 heads = min(run.num_heads for run in result.runs)
 st.session_state.setdefault("opacity", 0.6)
+st.session_state.setdefault("shared_scale", False)
 if st.session_state.get("head") not in ["mean", *range(heads)]:
     st.session_state["head"] = "mean"
 controls = st.columns([4, 2, 2, 3])
@@ -33,10 +34,14 @@ if not any(panel.num_registers for panel in view.panels):
     st.info(f"{names} has no register tokens, so only CLS attention is shown. Choose a model with registers "
             "(for example dinov2_vits14_reg4) to see what registers attend to.")
 overlays = [overlay for panel in view.panels for overlay in panel.overlays]
+shared = st.toggle("One colour scale for all maps", key="shared_scale",
+                   help="Off: each map runs from its own lowest to its highest value, so a query with weak attention "
+                        "still shows where it looks. On: all maps share one scale, so their strengths compare.")
 ui.chart(figures.overlay_grid(overlays, opacity, columns=min(3, len(overlays)), colorbar=overlays[0].colorbar,
-                              height_per_row=380), key="attention-maps")
-st.caption(" · ".join(f"**{panel.label}**: {panel.num_registers} registers" for panel in view.panels)
-           + ". One colour scale for all maps (attention is a share of the query's total).")
+                              width=ui.MAIN_WIDTH, shared_scale=shared, title=overlays[0].colorbar), key="attention-maps")
+scale = ("One colour scale for all maps (attention is a share of the query's total)" if shared
+         else "Each map has its own colour scale, from its lowest to its highest attention (bar beside it)")
+st.caption(" · ".join(f"**{panel.label}**: {panel.num_registers} registers" for panel in view.panels) + f". {scale}.")
 
 st.subheader("CLS attention on outlier tokens")
 masses = [(panel.label, panel.cls_mass) for panel in view.panels if panel.cls_mass is not None]

@@ -7,8 +7,9 @@ import figures
 import ui
 
 st.title("Token embedding")
-st.caption("Each point is a token of the chosen layer in one of the chosen images. Outliers carry global "
-           "information and gather away from the local patch tokens, near CLS; registers take their place.")
+st.caption("Each point is a token of the chosen layer in one of the chosen images (with several images, colour and "
+           "symbol tell the image; outliers are red). Outliers carry global information and gather away from the "
+           "local patch tokens, near CLS; registers take their place.")
 request = ui.page_request()
 result = ui.fetch(data.captured, request)
 ui.notes(result)
@@ -53,7 +54,7 @@ if points:
     detail = figures.Overlay(title=f"{data.image_name(ref)}: row {row}, col {col} (layer {layer})", values=overlay.values,
                              image=overlay.image, mask=mask, colorbar=overlay.colorbar)
     with st.columns(2)[0]:
-        ui.chart(figures.overlay_figure(detail, 0.5, height=420), key="embedding-cell")
+        ui.chart(figures.overlay_figure(detail, 0.5, width=ui.MAIN_WIDTH // 2 - 16), key="embedding-cell")
 else:
     st.caption("Hover a point to see its image and cell; click it to show the cell on its image.")
 ui.download_table(view.table, f"embedding_{method}_layer{layer}.csv")

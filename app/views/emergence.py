@@ -20,7 +20,10 @@ scope = st.selectbox("Images", options, key="emergence_scope",
 
 view = ui.fetch(data.emergence, request, None if scope == "all" else scope, ui.threshold())
 for column, curve in zip(st.columns(len(view.curves)), view.curves):
-    first = "none" if curve.first_layer is None else f"layer {curve.first_layer}"
-    column.metric(curve.label, f"first outliers: {first}", f"max {int(curve.count.max())} tokens in a layer", delta_color="off", delta_arrow="off")
+    if curve.first_layer is None:
+        column.markdown(f"**{curve.label}**  \nno outliers in any layer")
+    else:
+        column.markdown(f"**{curve.label}**  \nfirst outliers at **layer {curve.first_layer}** "
+                        f"(at most {int(curve.count.max())} tokens in a layer)")
 ui.chart(figures.emergence_figure(view.curves), key="emergence")
 ui.download_table(view.table, "emergence.csv")

@@ -41,10 +41,15 @@ for column, hist in zip(st.columns(len(view.histograms)), view.histograms):
                   delta_color="off", delta_arrow="off")
 ui.chart(figures.histogram_figure(view.histograms, log_y=log_y, post_norm=post_norm), key="histogram",
          on_select=_pick_threshold, selection_mode=("points", "box"))
-where = "after the final norm (auto threshold only)" if post_norm else f"layers {', '.join(map(str, layers))}"
+if post_norm:
+    where = "after the final norm (auto threshold only)"
+elif len(layers) == 1:
+    where = f"at layer {layers[0]}"
+else:
+    where = f"pooled over layers {', '.join(map(str, layers[:-1]))} and {layers[-1]}"
 mode = "auto (widest gap in the top quarter of the pooled norms)" if ui.threshold() is None or post_norm else f"fixed at {ui.threshold():g}"
-st.caption(f"Norms {where}; threshold {mode}. Click a bar to move the threshold to its lower edge, "
-           "or edit it in the sidebar.")
+st.caption(f"Patch-token norms {where}; threshold {mode}. Each model's bars are translucent with an outline of "
+           "its colour. Click a bar to move the threshold to its lower edge, or edit it in the sidebar.")
 
 downloads = st.columns(3)
 with downloads[0]:

@@ -18,9 +18,9 @@ controls = st.columns([4, 3, 3, 3])
 with controls[0]:
     layer = ui.layer_slider(result.num_layers)
 with controls[1]:
-    post_norm = st.toggle("After the final norm (post-final-norm)", key="post_norm",
-                          help="Off: the residual stream after the block (pre-final-norm), where outliers live. "
-                               "On: the model's normalised output, where they no longer stand out.")
+    post_norm = st.toggle("After the final norm", key="post_norm",
+                          help="Off (pre-final-norm): the residual stream after the block, where outliers live. "
+                               "On (post-final-norm): the model's normalised output, where they no longer stand out.")
 with controls[2]:
     opacity = st.slider("Heat-map opacity", 0.0, 1.0, step=0.05, key="opacity")
 with controls[3]:
@@ -28,9 +28,10 @@ with controls[3]:
 
 threshold = ui.threshold()
 maps = ui.fetch(data.norm_maps, request, ref, layer, post_norm, threshold)
+width = ui.MAIN_WIDTH // len(maps.overlays) - 16
 for index, (column, overlay) in enumerate(zip(st.columns(len(maps.overlays)), maps.overlays)):
     with column:
-        ui.chart(figures.overlay_figure(overlay, opacity), key=f"norm-map-{index}")
+        ui.chart(figures.overlay_figure(overlay, opacity, width=min(width, 640)), key=f"norm-map-{index}")
 if post_norm:
     st.info("After the final LayerNorm every token has a similar norm, so the outliers hide: this is why reading "
             "`get_intermediate_layers(norm=True)` shows no artifacts. The layer slider does not apply here.")
