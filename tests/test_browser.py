@@ -1,16 +1,16 @@
 """The real dashboard in headless Chromium: every page, an upload, a widget, a bad upload.
 
 Starts ``streamlit run app/main.py`` on a free port with an empty trace cache and an offline,
-empty Hugging Face hub (so the default "pretrained" choice falls back to random weights with a
-message, and the test then picks random weights in the sidebar), drives it with Playwright's
-sync API and Debian's chromium, and fails on any Streamlit exception element or error box with
-a traceback. The default model pair (DINOv2 ViT-S/14 with and without registers, 224 px) runs
-on the CPU in a few seconds.
+empty Hugging Face hub (so the default "pretrained" choice falls back to the synthetic demo with
+a message, and the test then picks the synthetic demo in the sidebar), drives it with
+Playwright's sync API and Debian's chromium, and fails on any Streamlit exception element or
+error box with a traceback. The default model pair (DINOv2 ViT-S/14 with and without registers,
+224 px) runs on the CPU in a few seconds.
 
 Whole-page screenshots of every page go to ``artifacts/screenshots/<page>.png`` (git-ignored).
-The README's ``docs/screenshots/{norm_maps,histogram}.png`` (what a 1400x1000 window shows) are
-written only when missing or when ``VITLENS_UPDATE_SCREENSHOTS=1``, so a test run does not
-dirty the working tree.
+The README's ``docs/screenshots/{norm_maps,histogram,emergence}.png`` (what a 1400x1150 window
+shows, with the synthetic demo's planted artifacts) are written only when missing or when
+``VITLENS_UPDATE_SCREENSHOTS=1``, so a test run does not dirty the working tree.
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
-DOCS_PAGES = ("norm_maps", "histogram")
+DOCS_PAGES = ("norm_maps", "histogram", "emergence")
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else shutil.which("chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1400, "height": 900}
-DOCS_VIEWPORT = {"width": 1400, "height": 1000}
+DOCS_VIEWPORT = {"width": 1400, "height": 1150}
 MAX_SHOT_HEIGHT = 2400
 LAYER_SLIDER = "Layer (block index, 0-based)"
 FIRST_CAPTURE_S = 120  # import torch, build two random ViT-S/14, capture two images: ~30 s on 2 busy cores
@@ -195,7 +195,7 @@ def open_page(page: Page, link: str, title: str) -> None:
 def screenshot(page: Page, name: str) -> Path:
     """The whole page (the viewport grown to the content's height, at most MAX_SHOT_HEIGHT).
 
-    Pages named in DOCS_PAGES are also kept as a 1400x1000 window, for docs/screenshots.
+    Pages named in DOCS_PAGES are also kept as a 1400x1150 window, for docs/screenshots.
     """
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.mouse.move(5, 5)  # no hover: plotly's mode bar and tooltips out of the picture
@@ -230,6 +230,7 @@ def sidebar_alerts(page: Page) -> list[str]:
 UPLOADER = "[data-testid=stSidebar] [data-testid=stFileUploader]:has-text('Upload images') input[type=file]"
 IMAGE_PICKER = "[data-testid=stMain] [data-testid=stSelectbox]:has-text('Image') input"
 FALLBACK_WARNING = "Pretrained weights are not available"
+DEMO_NOTE = "Synthetic demo, not a trained model"
 
 
 @pytest.mark.timeout(300)
@@ -241,17 +242,19 @@ def test_every_page_in_chromium(server, page: Page, tmp_path: Path) -> None:
     gallery_image("cat").image.save(photo)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("these are my notes, not a picture\n")
+    second_photo = tmp_path / "my_coffee.png"
+    gallery_image("coffee").image.save(second_photo)
     started = time.monotonic()
 
     _first_visit_offline(page, url, log)
-    _choose_random_weights(page, log)
+    _choose_synthetic_demo(page, log)
     _upload_photo(page, photo, log)
     layer = _move_layer_slider(page, log)
     screenshot(page, "norm_maps")
     for link, title, name, charts in PAGES[1:]:
         _visit(page, link, title, name, charts, layer, log)
         screenshot(page, name)
-    _upload_non_image(page, not_an_image, log)
+    _upload_non_image(page, not_an_image, second_photo, log)
     screenshot(page, "after_bad_upload")
 
     if os.environ.get("VITLENS_UPDATE_SCREENSHOTS") == "1" or not all(
@@ -265,25 +268,31 @@ def test_every_page_in_chromium(server, page: Page, tmp_path: Path) -> None:
 
 
 def _first_visit_offline(page: Page, url: str, log: Callable[[], str]) -> None:
-    """The default pretrained pair cannot be fetched offline: the app says so and draws with random weights."""
+    """The default pretrained pair cannot be fetched offline: the app says so and draws the synthetic demo."""
     page.goto(url, wait_until="domcontentloaded")
     expect(page.locator("[data-testid=stMain] h1").first).to_have_text("Norm maps", timeout=60_000)
     charts_drawn(page, 2, FIRST_CAPTURE_S)
     settle(page)
     check_no_errors(page, "first visit", log)
-    expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=FALLBACK_WARNING)).to_be_visible()
+    warning = page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=FALLBACK_WARNING)
+    expect(warning).to_be_visible()
+    expect(warning).to_contain_text(DEMO_NOTE)
     screenshot(page, "first_visit")
 
 
-def _choose_random_weights(page: Page, log: Callable[[], str]) -> None:
-    """A sidebar radio: random weights; the fallback warning goes away and the URL says so."""
-    page.locator("[data-testid=stSidebar] [data-testid=stRadio] label").filter(has_text="random weights").click()
+def _choose_synthetic_demo(page: Page, log: Callable[[], str]) -> None:
+    """A sidebar radio: the synthetic demo; the fallback warning gives way to a note on what the demo is."""
+    page.locator("[data-testid=stSidebar] [data-testid=stRadio] label").filter(has_text="synthetic demo").click()
     expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=FALLBACK_WARNING)).to_have_count(
         0, timeout=PAGE_S * 1000)
+    expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=DEMO_NOTE)).to_be_visible()
     charts_drawn(page, 2)
     settle(page)
-    check_no_errors(page, "random weights", log)
-    assert "weights=random" in page.url
+    check_no_errors(page, "synthetic demo", log)
+    assert "weights=synthetic" in page.url
+    titles = chart_signature(page)
+    assert "dinov2_vits14<br><sup>synthetic demo: planted artifacts<br>" in titles
+    assert "dinov2_vits14_reg4<br><sup>synthetic demo, registers: no planted artifacts<br>" in titles
 
 
 def _upload_photo(page: Page, photo: Path, log: Callable[[], str]) -> None:
@@ -341,8 +350,9 @@ def _visit(page: Page, link: str, title: str, name: str, charts: int, layer: int
         check_no_errors(page, "attention, head 0", log)
 
 
-def _upload_non_image(page: Page, path: Path, log: Callable[[], str]) -> None:
-    """A text file named .png: one short sentence in the sidebar, and the app goes on working."""
+def _upload_non_image(page: Page, path: Path, photo: Path, log: Callable[[], str]) -> None:
+    """A text file named .png: one short sentence in the sidebar, and the app goes on working; the
+    next upload (the bad file still in the uploader) does not repeat the message."""
     page.locator(UPLOADER).set_input_files(str(path))
     error = page.locator("[data-testid=stSidebar] [data-testid=stAlert]").filter(has_text=path.name)
     expect(error).to_be_visible(timeout=PAGE_S * 1000)
@@ -356,3 +366,9 @@ def _upload_non_image(page: Page, path: Path, log: Callable[[], str]) -> None:
     settle(page)
     check_no_errors(page, "norm maps after a bad upload", log)
     expect(page.locator(IMAGE_PICKER)).to_have_value("my_cat.png (upload)")
+    page.locator(UPLOADER).set_input_files(str(photo))
+    expect(page.locator(IMAGE_PICKER)).to_have_value(f"{photo.name} (upload)", timeout=PAGE_S * 1000)
+    charts_drawn(page, 2)
+    settle(page)
+    check_no_errors(page, "an upload after a bad one", log)
+    assert not sidebar_alerts(page), f"the bad upload's message came back: {sidebar_alerts(page)}"
