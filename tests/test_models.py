@@ -297,3 +297,15 @@ def test_token_layout_is_read_from_the_model(name, args, expected):
 def test_blocks_without_standard_attention_are_refused_by_name():
     with pytest.raises(UnknownModelError, match="ParallelScalingBlock"):
         load_model("vit_pwee_patch16_reg1_gap_256", "random", model_args=dict(depth=1))
+
+
+def test_checkpoint_with_python_objects_is_refused_with_weights_only_reason(tmp_path):
+    import argparse
+
+    path = tmp_path / "training_checkpoint.pth"
+    torch.save({"model": {"pos_embed": torch.zeros(1, 2, 3)}, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(WeightsError, match="holds Python objects besides tensors"):
+        load_model("vit_tiny_patch16_224", path)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a valid .pth checkpoint"):
+        load_model("vit_tiny_patch16_224", tmp_path / "garbage.pth")

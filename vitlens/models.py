@@ -352,7 +352,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # every loader has its own error types for bad bytes
-        if "weights only load failed" in str(error).lower():
+        if "unsupported global" in str(error).lower():  # e.g. argparse.Namespace saved beside the tensors
             raise WeightsError(f"Weights file '{path.name}' holds Python objects besides tensors; vitlens loads only "
                                "plain state dicts (torch.load with weights_only=True).") from error
         raise WeightsError(f"Weights file '{path.name}' could not be read: it is not a valid {path.suffix} checkpoint.") from error
