@@ -55,7 +55,8 @@ class Row:
 
 def main() -> int:
     args = _parser().parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    use_gpu = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")  # an index: memory caps need one
     side = 56 if args.tiny else args.side
     batches = {"ViT-L/14": 2, "ViT-g/14": 2} if args.tiny else {"ViT-L/14": args.batch_large, "ViT-g/14": args.batch_giant}
     started = time.monotonic()
