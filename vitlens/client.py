@@ -3,8 +3,9 @@
 In ``hosted`` mode the app never loads a model: it puts the images and a job into the shared
 queue, reports the queue position and progress, and reads the traces from the ``TraceStore``
 by the keys the worker recorded. In ``embedded`` mode (the default) the same happens, but the
-client first starts a worker thread inside this process, so ``streamlit run app/main.py``
-alone works; every session of the process shares that thread and its loaded models.
+client first starts a worker thread inside this process, shared by every caller of the process
+and its loaded models. (The app uses the client in hosted mode only; embedded, it runs
+captures on its own ``Engine``, see ``app/data.py``.)
 """
 from __future__ import annotations
 
@@ -178,15 +179,3 @@ def get_client(settings: Settings | None = None) -> Client:
             _clients[settings] = Client(settings)
         return _clients[settings]
 
-
-def compute_traces(
-        images: Sequence[DecodedImage],
-        model: str,
-        weights: str = "hub",
-        options: CaptureOptions = CaptureOptions(),
-        progress: StatusCallback | None = None,
-        timeout: float | None = None,
-        settings: Settings | None = None,
-) -> list[TraceResult]:
-    """``Client.compute_traces`` on the process-wide client for ``settings``."""
-    return get_client(settings).compute_traces(images, model, weights, options, progress, timeout)
