@@ -73,8 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _inspect(args: argparse.Namespace, settings: Settings) -> int:
     threshold = parse_threshold(args.threshold)
-    if args.size is not None and not 0 < args.size <= settings.max_side:
-        raise OptionError(f"Size must be between 1 and {settings.max_side} pixels, not {args.size}.")
+    settings.check_side(args.size)
     image = read_image_file(args.image, max_pixels=settings.max_pixels)
     engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
     options = CaptureOptions(side=args.size, antialias=not args.no_antialias, precision=args.precision)

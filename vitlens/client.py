@@ -95,8 +95,7 @@ class Client:
         self.settings.check_model(model)
         resolve_spec(model)
         self.settings.resolve_weights(weights)
-        if options.side is not None and not 0 < options.side <= self.settings.max_side:
-            raise errors.OptionError(f"Size must be between 1 and {self.settings.max_side} pixels, not {options.side}.")
+        self.settings.check_side(options.side)
         if self.settings.mode == "embedded":
             self.ensure_worker()
         spec = JobSpec(model=model, weights=weights, images=tuple(self.queue.put_image(image) for image in images),

@@ -88,6 +88,15 @@ class Settings:
         if self.allowed_models is not None and name not in self.allowed_models:
             raise UnknownModelError(f"Model '{name}' is not offered here; choose one of {', '.join(self.allowed_models)}.")
 
+    def check_side(self, side: int | None) -> None:
+        """Refuse a capture side outside ``1..max_side`` (None: the model's own, always fine).
+
+        Raises:
+            OptionError: the side is out of range.
+        """
+        if side is not None and not 0 < side <= self.max_side:
+            raise OptionError(f"Size must be between 1 and {self.max_side} pixels, not {side}.")
+
     def resolve_weights(self, weights: str) -> str:
         """``hub``, ``random`` or ``synthetic`` as they are; a file name becomes its path inside ``weights_dir``.
 

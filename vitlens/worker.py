@@ -140,8 +140,7 @@ class Worker:
     def _options(self, options: CaptureOptions) -> CaptureOptions:
         if options.precision not in PRECISIONS:
             raise OptionError(f"Precision must be one of {', '.join(PRECISIONS)}, not '{options.precision}'.")
-        if options.side is not None and not 0 < options.side <= self.settings.max_side:
-            raise OptionError(f"Size must be between 1 and {self.settings.max_side} pixels, not {options.side}.")
+        self.settings.check_side(options.side)
         if self.settings.precision is not None:
             options = replace(options, precision=self.settings.precision)
         return options
