@@ -182,8 +182,9 @@ class Worker:
         progress = _ProgressSplitter(self.queue, self.worker_id, [(r.job.job_id, len(r.images)) for r in group])
         results = self.engine.traces(images, first.spec.model, first.weights, first.options, progress=progress)
         by_digest = dict(zip(unique, results))
-        for ready in group:
-            keys = self.engine.trace_keys(ready.images, ready.spec.model, ready.weights, ready.options)
+        key_of = dict(zip(unique, self.engine.trace_keys(images, first.spec.model, first.weights, first.options)))
+        for ready in group:  # the group shares model, weights and options, so its keys differ only by image
+            keys = [key_of[image.digest] for image in ready.images]
             cached = [by_digest[image.digest].cached for image in ready.images]
             self.queue.complete(ready.job.job_id, self.worker_id, keys, cached)
 
