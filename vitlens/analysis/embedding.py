@@ -125,11 +125,10 @@ def _gather(traces: Sequence[Trace], layer: int, include_prefix: bool) -> tuple[
     """Patch and prefix vectors of every trace with where each one came from."""
     patch_vectors, images, rows, cols = [], [], [], []
     prefix_vectors, prefix_images, prefix_names = [], [], []
-    widths = {layer_states(trace, layer).shape[-1] for trace in traces}
-    if len(widths) != 1:
+    all_states = [layer_states(trace, layer) for trace in traces]  # [token, channel] each
+    if len({states.shape[-1] for states in all_states}) != 1:
         raise OptionError("All traces must come from one model to share an embedding.")
-    for index, trace in enumerate(traces):
-        states = layer_states(trace, layer)  # [token, channel]
+    for index, (trace, states) in enumerate(zip(traces, all_states)):
         layout = trace.layout
         grid_rows, grid_cols = np.divmod(np.arange(layout.num_patches), layout.grid[1])
         patch_vectors.append(states[layout.patches])
