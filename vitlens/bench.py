@@ -13,7 +13,6 @@ the plain pass, a cache hit under 50 ms; rows that miss one are flagged.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import pickle
 import statistics
 import sys
@@ -24,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .capture import PRECISIONS, Trace, capture
+from .capture import PRECISIONS, Trace, _autocast, capture  # the plain pass runs under capture's own autocast
 from .engine import resolve_device
 from .models import load_model
 from .store import TraceStore
@@ -111,12 +110,6 @@ def bench_model(name: str, size: int, device: torch.device, precision: str = "fp
                     capture_ms=1000 * statistics.median(capture_times) / batch,
                     best_ratio=min(capture_times) / min(plain_times),
                     hit_ms=1000 * hit_s, trace_kb=trace_bytes / 1024)
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
 def _synchronize(device: torch.device) -> None:
