@@ -34,7 +34,7 @@ from vitlens.capture import Trace
 from vitlens.engine import Engine
 from vitlens.errors import (HubUnavailableError, ImageError, OptionError, UnknownModelError,  # noqa: F401
                             VitlensError, WeightsError)
-from vitlens.images import GALLERY, DecodedImage, decode_image, gallery_image, input_shape
+from vitlens.images import GALLERY, DecodedImage, decode_image, gallery_image
 from vitlens.models import PRESETS, WEIGHT_SUFFIXES, ModelSpec, resolve_spec
 from vitlens.settings import Settings
 from vitlens.store import CaptureOptions, TraceStore
@@ -857,10 +857,3 @@ def trace_npz(request: Request, threshold: float | None = None) -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
-
-
-def grid_of(name: str, ref: str, side: int) -> tuple[int, int]:
-    """The patch grid an image gets at ``side`` (for captions, without a capture)."""
-    size = patch_size(name)
-    height, width = input_shape(image(ref).image.size, side, size)
-    return height // size, width // size
