@@ -338,9 +338,9 @@ def pair_of(name: str) -> str | None:
     return pair if pair in PRESETS or timm.is_model(pair.split(".")[0]) else None
 
 
-def patch_size(name: str) -> int:
+def patch_size(spec: ModelSpec) -> int:
     """Patch size from the timm architecture name (``patch14`` -> 14); 16 when it does not say."""
-    match = re.search(r"patch(\d+)", check_model(name).arch)
+    match = re.search(r"patch(\d+)", spec.arch)
     return int(match.group(1)) if match else 16
 
 

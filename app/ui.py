@@ -175,8 +175,7 @@ def _model_and_images() -> data.Request | None:
                   help="Overrides the preset while it is not empty.")
     name = model_name()
     try:
-        data.check_model(name)
-        patch = data.patch_size(name)
+        patch = data.patch_size(data.check_model(name))
     except VitlensError as error:
         state["request_error"] = str(error)
         st.error(str(error))
