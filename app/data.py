@@ -287,11 +287,11 @@ def image_name(ref: str) -> str:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def _display_uri(ref: str, grid_size: tuple[int, int]) -> str:
-    """The picture stretched to the box the patch grid covers, as a figure background."""
-    rows, cols = grid_size
-    scale = 448 / max(rows, cols)
-    picture = image(ref).image.resize((max(1, round(cols * scale)), max(1, round(rows * scale))))
+def _display_uri(ref: str, input_size: tuple[int, int]) -> str:
+    """The picture stretched to the box the patch grid covers (the model's input), as a figure background."""
+    height, width = input_size
+    scale = 448 / max(height, width)
+    picture = image(ref).image.resize((max(1, round(width * scale)), max(1, round(height * scale))))
     return figures.image_uri(picture)
 
 
