@@ -300,10 +300,10 @@ def test_blocks_without_standard_attention_are_refused_by_name():
 
 
 def test_checkpoint_with_python_objects_is_refused_with_weights_only_reason(tmp_path):
-    import argparse
+    import datetime
 
-    path = tmp_path / "training_checkpoint.pth"
-    torch.save({"model": {"pos_embed": torch.zeros(1, 2, 3)}, "args": argparse.Namespace(lr=0.1)}, path)
+    path = tmp_path / "training_checkpoint.pth"  # (timm's own argparse.Namespace is allowed: tests/test_checkpoints.py)
+    torch.save({"model": {"pos_embed": torch.zeros(1, 2, 3)}, "saved": datetime.date(2024, 1, 1)}, path)
     with pytest.raises(WeightsError, match="holds Python objects besides tensors"):
         load_model("vit_tiny_patch16_224", path)
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")

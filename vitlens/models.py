@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import socket
 import threading
@@ -15,16 +14,14 @@ from urllib.parse import urlparse
 import timm
 import torch
 from timm.models import get_pretrained_cfg
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
 
+from .checkpoints import WEIGHT_SUFFIXES, checkpoint_img_size, load_into, read_state_dict  # noqa: F401 (WEIGHT_SUFFIXES re-exported)
 from .errors import HubUnavailableError, UnknownModelError, WeightsError
 from .synthetic import SYNTHETIC_SIDE, SYNTHETIC_VERSION, plant_demo
 
 RANDOM_SEED = 0
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 _HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-_CHECKPOINT_WRAPPERS = ("model", "state_dict", "teacher", "model_ema", "module")
-_KEY_PREFIXES = ("module.", "backbone.", "model.")
 
 
 @dataclass(frozen=True)
@@ -149,8 +146,8 @@ def load_model(
         weights: ``hub`` (pretrained, Hugging Face cache first), ``random`` (seeded),
             ``synthetic`` (random weights at 224 px with high-norm tokens planted at fixed cells
             from the middle block, for models without registers; see ``vitlens.synthetic``;
-            not a trained model), or a path to a .safetensors/.pth/.pt file in timm or original
-            DINOv2 key layout.
+            not a trained model), or a path to a .safetensors/.pth/.pt file in any layout
+            ``vitlens.checkpoints`` reads (timm, DINOv2 release, DINOv2 and timm training checkpoints).
         device: Where the model runs.
         model_args: Extra timm constructor arguments (tests use them for tiny models).
 
@@ -298,25 +295,13 @@ def _from_hub(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str
 def _from_file(spec: ModelSpec, path: Path, model_args: dict) -> tuple[VisionTransformer, str]:
     state_dict = read_state_dict(path)
     build_args = dict(model_args)
-    if "img_size" not in build_args and (img_size := _checkpoint_img_size(state_dict)) is not None:
+    if "img_size" not in build_args and (img_size := checkpoint_img_size(state_dict)) is not None:
         build_args["img_size"] = img_size  # build at the checkpoint's own grid: no resampling at load
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         model = _create(spec, build_args, pretrained=False)
-    _load_state_dict(model, state_dict, path)
+    load_into(model, state_dict, path)
     return model, _file_fingerprint(path, model_args)
-
-
-def _checkpoint_img_size(state_dict: dict[str, torch.Tensor]) -> int | None:
-    """The square input side a checkpoint's position embeddings were trained for, if they tell."""
-    pos_embed, proj = state_dict.get("pos_embed"), state_dict.get("patch_embed.proj.weight")
-    if pos_embed is None or proj is None or pos_embed.ndim != 3:
-        return None
-    for num_prefix in range(0, 9):  # cls and register positions, when they are in pos_embed
-        side = math.isqrt(pos_embed.shape[1] - num_prefix)
-        if side * side == pos_embed.shape[1] - num_prefix:
-            return side * proj.shape[-1]
-    return None
 
 
 def file_digest(path: Path) -> str:
@@ -332,84 +317,3 @@ def _digest(path: Path, size: int, mtime_ns: int) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()[:16]
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's tensors (safe loaders only) and strip common wrappers and prefixes.
-
-    Raises:
-        WeightsError: missing file, unknown suffix, unreadable content, or no tensors inside.
-    """
-    if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise WeightsError(f"Weights file '{path.name}' must end in {', '.join(WEIGHT_SUFFIXES)}.")
-    if not path.is_file():
-        raise WeightsError(f"Weights file '{path}' does not exist.")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            checkpoint = load_file(str(path), device="cpu")
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # every loader has its own error types for bad bytes
-        if "unsupported global" in str(error).lower():  # e.g. argparse.Namespace saved beside the tensors
-            raise WeightsError(f"Weights file '{path.name}' holds Python objects besides tensors; vitlens loads only "
-                               "plain state dicts (torch.load with weights_only=True).") from error
-        raise WeightsError(f"Weights file '{path.name}' could not be read: it is not a valid {path.suffix} checkpoint.") from error
-    return _unwrap(checkpoint, path)
-
-
-def _unwrap(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
-    while isinstance(checkpoint, dict):
-        wrapper = next((key for key in _CHECKPOINT_WRAPPERS if isinstance(checkpoint.get(key), dict)), None)
-        if wrapper is None:
-            break
-        checkpoint = checkpoint[wrapper]
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise WeightsError(f"Weights file '{path.name}' holds no state dict.")
-    tensors = {_strip_prefixes(key): value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
-    if not tensors:
-        raise WeightsError(f"Weights file '{path.name}' holds no tensors.")
-    return tensors
-
-
-def _strip_prefixes(key: str) -> str:
-    for prefix in _KEY_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-def _load_state_dict(model: VisionTransformer, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Load timm- or DINOv2-layout tensors; a missing classifier head is fine, anything else is not."""
-    try:
-        converted = _check_shapes(checkpoint_filter_fn(state_dict, model), model, path)
-        result = model.load_state_dict(converted, strict=False)
-    except (RuntimeError, ValueError, KeyError, IndexError) as error:
-        detail = (str(error).splitlines() or [type(error).__name__])[0][:200].rstrip(" .:")
-        raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}' "
-                           f"({detail}).") from error
-    missing = [key for key in result.missing_keys if not key.startswith("head.")]
-    unexpected = [key for key in result.unexpected_keys if not key.startswith("head.")]
-    if missing or unexpected:
-        detail = f"{len(missing)} missing (e.g. {missing[:2]})" if missing else f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}': {detail} keys.")
-
-
-def _check_shapes(tensors: dict[str, torch.Tensor], model: VisionTransformer, path: Path) -> dict[str, torch.Tensor]:
-    """Drop classifier-head tensors of another shape (vitlens never uses the head).
-
-    Raises:
-        WeightsError: any other tensor's shape differs from the model's.
-    """
-    expected = model.state_dict()
-    kept = {}
-    for key, value in tensors.items():
-        want = expected.get(key)
-        if want is not None and want.shape != value.shape:
-            if key.startswith("head."):
-                continue
-            raise WeightsError(f"Weights file '{path.name}' does not fit '{model.default_cfg.get('architecture')}': "
-                               f"'{key}' is {list(value.shape)} in the file but {list(want.shape)} in the model.")
-        kept[key] = value
-    return kept
