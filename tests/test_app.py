@@ -153,8 +153,8 @@ def test_npz_download_holds_the_cli_arrays_of_every_model_and_image(weights_dir)
 
     at = _planted_app(weights_dir)
     assert [b.label for b in at.get("download_button")] == ["Numbers (CSV)", "All captured arrays (NPZ)"]
-    data = sys.modules["data"]  # the module the app imported
-    arrays = np.load(io.BytesIO(data.trace_npz(at.session_state["request"])))
+    image_data = sys.modules["image_data"]  # the module the app imported
+    arrays = np.load(io.BytesIO(image_data.trace_npz(at.session_state["request"])))
     assert arrays["models"].tolist() == [f"{TINY} (tiny_planted.safetensors)", f"{TINY_REG} (tiny_reg4.safetensors)"]
     assert arrays["m0_i0_norms"].shape == (6, 1 + 64) and arrays["m1_i0_norms"].shape == (6, 5 + 64)
     assert arrays["m1_i0_attention"].shape == (6, 4, 5, 69) and arrays["m1_i0_num_registers"] == 4
@@ -335,9 +335,9 @@ def test_cancelled_capture_says_so_and_runs_again(weights_dir):
     import sys
 
     sys.path.insert(0, str(APP))
-    import data
+    import jobs
 
-    board = data.JobBoard()
+    board = jobs.JobBoard()
     started = __import__("threading").Event()
 
     def slow(job):
@@ -348,12 +348,12 @@ def test_cancelled_capture_says_so_and_runs_again(weights_dir):
         return "done"
 
     job = board.run("k", "slow work", slow)
-    with pytest.raises(data.Pending):
+    with pytest.raises(jobs.Pending):
         board.result(job)
     started.wait(5)
     job.cancel()
     job.future.exception(timeout=10)
-    with pytest.raises(data.Cancelled, match="slow work"):
+    with pytest.raises(jobs.Cancelled, match="slow work"):
         board.result(job)
     assert board.run("k", "slow work", slow) is job  # kept until the user asks again
     board.forget("k")

@@ -5,7 +5,7 @@ queue, reports the queue position and progress, and reads the traces from the ``
 by the keys the worker recorded. In ``embedded`` mode (the default) the same happens, but the
 client first starts a worker thread inside this process, shared by every caller of the process
 and its loaded models. (The app uses the client in hosted mode only; embedded, it runs
-captures on its own ``Engine``, see ``app/data.py``.)
+captures on its own ``Engine``, see ``app/captures.py``.)
 """
 from __future__ import annotations
 

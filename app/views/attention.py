@@ -3,6 +3,7 @@ import streamlit as st
 
 import data
 import figures
+import image_data
 import ui
 
 st.title("Attention")
@@ -28,7 +29,7 @@ with controls[2]:
 with controls[3]:
     ref = ui.image_picker(request)
 
-view = ui.fetch(data.attention, request, ref, layer, None if head == "mean" else head, ui.threshold())
+view = ui.fetch(image_data.attention, request, ref, layer, None if head == "mean" else head, ui.threshold())
 if not any(panel.num_registers for panel in view.panels):
     names = ", ".join(run.choice.name for run in result.runs)
     st.info(f"{names} has no register tokens, so only CLS attention is shown. Choose a model with registers "

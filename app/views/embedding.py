@@ -4,6 +4,7 @@ import streamlit as st
 
 import data
 import figures
+import image_data
 import ui
 
 st.title("Token embedding")
@@ -28,18 +29,18 @@ with controls[2]:
     model_index = st.radio("Model", range(len(labels)), format_func=labels.__getitem__, key="embed_model")
 
 
-def draw(view: data.EmbeddingView, key: str, note: str = "") -> object:
+def draw(view: image_data.EmbeddingView, key: str, note: str = "") -> object:
     selected = st.session_state.get("picked_point")
     fig = figures.embedding_figure(view.embedding, view.image_names, title=f"{view.label}, layer {layer}{note}",
                                    highlight=selected)
     return ui.chart(fig, key=key, on_select="rerun", selection_mode="points")
 
 
-pca = ui.fetch(data.embedding, request, layer, "pca", ui.threshold(), model_index)
+pca = ui.fetch(image_data.embedding, request, layer, "pca", ui.threshold(), model_index)
 if method == "pca":
     view = pca
 else:
-    view = ui.fetch(data.embedding, request, layer, "umap", ui.threshold(), model_index,
+    view = ui.fetch(image_data.embedding, request, layer, "umap", ui.threshold(), model_index,
                     while_waiting=lambda: draw(pca, "embedding-waiting", " (PCA while UMAP runs)"))
 event = draw(view, f"embedding-{method}")
 points = [p for p in (event.selection.get("points", []) if event else []) if len(p.get("customdata") or []) == 5]
@@ -47,7 +48,7 @@ if points:
     image_index, row, col = (int(v) for v in points[0]["customdata"][:3])
     st.session_state["picked_point"] = (image_index, row, col)
     ref = view.image_refs[image_index]
-    norm_maps = ui.fetch(data.norm_maps, request, ref, layer, False, ui.threshold())
+    norm_maps = ui.fetch(image_data.norm_maps, request, ref, layer, False, ui.threshold())
     overlay = norm_maps.overlays[model_index]
     mask = np.zeros_like(overlay.mask)
     mask[row, col] = True

@@ -3,6 +3,7 @@ import streamlit as st
 
 import data
 import figures
+import image_data
 import ui
 
 st.title("Layer emergence")
@@ -18,7 +19,7 @@ if st.session_state.get("emergence_scope") not in options:
 scope = st.selectbox("Images", options, key="emergence_scope",
                      format_func=lambda ref: f"all {len(request.images)} selected images" if ref == "all" else data.image_label(ref))
 
-view = ui.fetch(data.emergence, request, None if scope == "all" else scope, ui.threshold())
+view = ui.fetch(image_data.emergence, request, None if scope == "all" else scope, ui.threshold())
 for column, curve in zip(st.columns(len(view.curves)), view.curves):
     if curve.first_layer is None:
         column.markdown(f"**{curve.label}**  \nno outliers in any layer")

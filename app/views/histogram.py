@@ -3,6 +3,7 @@ import streamlit as st
 
 import data
 import figures
+import image_data
 import ui
 
 
@@ -35,7 +36,7 @@ with controls[3]:
     log_y = st.toggle("Log-scale counts", key="log_y")
 layers = sorted({layer, *extra})
 
-view = ui.fetch(data.histogram, request, layers, post_norm, ui.threshold())
+view = ui.fetch(image_data.histogram, request, layers, post_norm, ui.threshold())
 for column, hist in zip(st.columns(len(view.histograms)), view.histograms):
     column.metric(hist.label, f"{hist.count} outliers", f"{hist.fraction:.2%} of {hist.norms.size} tokens",
                   delta_color="off", delta_arrow="off")
@@ -55,4 +56,4 @@ downloads = st.columns(3)
 with downloads[0]:
     ui.download_table(view.table, "histogram_summary.csv", "Summary (CSV)")
 with downloads[1]:
-    ui.download_table(lambda: data.histogram_values(request, layers, post_norm), "histogram_norms.csv", "All norms (CSV)")
+    ui.download_table(lambda: image_data.histogram_values(request, layers, post_norm), "histogram_norms.csv", "All norms (CSV)")

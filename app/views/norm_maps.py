@@ -3,6 +3,7 @@ import streamlit as st
 
 import data
 import figures
+import image_data
 import ui
 
 st.title("Norm maps")
@@ -27,7 +28,7 @@ with controls[3]:
     ref = ui.image_picker(request)
 
 threshold = ui.threshold()
-maps = ui.fetch(data.norm_maps, request, ref, layer, post_norm, threshold)
+maps = ui.fetch(image_data.norm_maps, request, ref, layer, post_norm, threshold)
 width = ui.MAIN_WIDTH // len(maps.overlays) - 16
 for index, (column, overlay) in enumerate(zip(st.columns(len(maps.overlays)), maps.overlays)):
     with column:
@@ -40,4 +41,4 @@ downloads = st.columns(3)
 with downloads[0]:
     ui.download_table(maps.table, f"norm_map_{data.image_name(ref)}_{'post' if post_norm else f'layer{layer}'}.csv")
 with downloads[1]:
-    ui.download_npz(lambda: data.trace_npz(request, threshold), "vitlens_traces.npz", "All captured arrays (NPZ)")
+    ui.download_npz(lambda: image_data.trace_npz(request, threshold), "vitlens_traces.npz", "All captured arrays (NPZ)")

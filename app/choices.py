@@ -1,0 +1,133 @@
+"""Model and weights choices the deployment offers, and what a weights choice means.
+
+A weights choice is ``hub``, ``synthetic``, ``random``, ``file:<name>`` (a file in
+``Settings.weights_dir``) or ``upload:<name>`` (a file uploaded in the browser); a path typed
+in the browser is never one.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import timm
+
+from resources import settings
+from vitlens.errors import UnknownModelError, WeightsError
+from vitlens.models import PRESETS, WEIGHT_SUFFIXES, ModelSpec, resolve_spec
+
+WEIGHTS_UPLOAD_PREFIX = "upload:"
+WEIGHTS_FILE_PREFIX = "file:"
+NAMED_WEIGHTS = ("hub", "synthetic", "random")  # weights choices that are not files
+RANDOM_NOTE = "random weights: no artifacts expected"
+SYNTHETIC_NOTE = "synthetic demo: planted artifacts"
+SYNTHETIC_TWIN_NOTE = "synthetic demo, registers: no planted artifacts"
+
+
+def presets() -> list[ModelSpec]:
+    """The presets this deployment offers."""
+    allowed = settings().allowed_models
+    return [spec for spec in PRESETS.values() if allowed is None or spec.name in allowed]
+
+
+def check_model(name: str) -> ModelSpec:
+    """The spec of a preset or timm ViT name the deployment offers.
+
+    Raises:
+        UnknownModelError: empty, unknown, or not offered here.
+    """
+    name = name.strip()
+    if not name:
+        raise UnknownModelError("Choose a model: a preset or a timm Vision Transformer name.")
+    settings().check_model(name)
+    return resolve_spec(name)
+
+
+def pair_of(name: str) -> str | None:
+    """The same model with (or without) registers: the preset's pair, or the timm name swapped."""
+    if name in PRESETS:
+        pair = PRESETS[name].pair
+    elif "_reg4_dinov2" in name:
+        pair = name.replace("_reg4_dinov2", "_dinov2")
+    elif "_dinov2" in name:
+        pair = name.replace("_dinov2", "_reg4_dinov2")
+    else:
+        return None
+    allowed = settings().allowed_models
+    if pair is None or (allowed is not None and pair not in allowed):
+        return None
+    return pair if pair in PRESETS or timm.is_model(pair.split(".")[0]) else None
+
+
+def patch_size(spec: ModelSpec) -> int:
+    """Patch size from the timm architecture name (``patch14`` -> 14); 16 when it does not say."""
+    match = re.search(r"patch(\d+)", spec.arch)
+    return int(match.group(1)) if match else 16
+
+
+def weights_files() -> list[str]:
+    """Weights files the operator put in ``Settings.weights_dir`` (names only)."""
+    return settings().weights_files()
+
+
+def _uploaded_weights_dir() -> Path:
+    return settings().cache_dir / "uploaded_weights"
+
+
+def add_weights_upload(name: str, content: bytes) -> str:
+    """Keep an uploaded weights file; returns its weights choice ``upload:<digest><suffix>``.
+
+    Raises:
+        WeightsError: wrong suffix or empty file.
+    """
+    suffix = Path(name).suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise WeightsError(f"Weights file '{name}' must end in {', '.join(WEIGHT_SUFFIXES)}.")
+    if not content:
+        raise WeightsError(f"Weights file '{name}' is empty.")
+    folder = _uploaded_weights_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    file_name = hashlib.sha256(content).hexdigest()[:16] + suffix
+    path = folder / file_name
+    if not path.exists():
+        path.write_bytes(content)
+    return WEIGHTS_UPLOAD_PREFIX + file_name
+
+
+def weights_path(weights: str) -> str:
+    """What ``load_model`` takes: ``hub``, ``synthetic``, ``random`` or a path; never a path typed in the browser.
+
+    Raises:
+        WeightsError: a file choice that is not a plain name in the weights folder (or uploads).
+    """
+    if weights in NAMED_WEIGHTS:
+        return weights
+    if weights.startswith(WEIGHTS_FILE_PREFIX):
+        return settings().resolve_weights(weights[len(WEIGHTS_FILE_PREFIX):])
+    if weights.startswith(WEIGHTS_UPLOAD_PREFIX):
+        name = weights[len(WEIGHTS_UPLOAD_PREFIX):]
+        path = _uploaded_weights_dir() / name
+        if name != Path(name).name or name.startswith(".") or not path.is_file():
+            raise WeightsError("The uploaded weights file is not on this server any more; upload it again.")
+        return str(path)
+    raise WeightsError(f"Weights must be hub, synthetic, random or a weights file, not '{weights[:80]}'.")
+
+
+def weights_label(weights: str, registers: bool | None = None) -> str:
+    """How the weights are named in titles and legends; the synthetic demo says what it is
+    (``registers``: whether the model has registers, None when unknown)."""
+    if weights == "hub":
+        return "pretrained"
+    if weights == "random":
+        return RANDOM_NOTE
+    if weights == "synthetic":
+        return {True: SYNTHETIC_TWIN_NOTE, False: SYNTHETIC_NOTE, None: "synthetic demo"}[registers]
+    return weights.split(":", 1)[-1]
+
+
+def weights_id(weights: str) -> str:
+    """Weights plus, for files, size and modification time (so a replaced file is not served stale)."""
+    if weights in NAMED_WEIGHTS:
+        return weights
+    stat = Path(weights_path(weights)).stat()
+    return f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"

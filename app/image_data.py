@@ -1,0 +1,254 @@
+"""View models of the per-image pages (norm maps, histogram, emergence, attention, embedding).
+
+Each page calls one function here with the sidebar's request; it returns what the page draws
+(figure inputs from ``figures`` and a ``Table`` for download), or raises ``Pending`` while the
+captures run.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import streamlit as st
+
+import figures
+from captures import Captured, Request, captured, check_layer, outliers_of
+from choices import weights_label
+from figures import EmergenceCurve, NormHistogram, Overlay, Table
+from jobs import Job, boards
+from uploads import display_uri, image_name
+from vitlens.analysis.attention import ClsOutlierAttention, attention_maps, cls_outlier_attention
+from vitlens.analysis.embedding import TokenEmbedding, token_embedding
+from vitlens.analysis.outliers import OutlierResult, find_outliers
+from vitlens.capture import Trace
+
+STATES_BUDGET = 20_000  # layers x tokens: up to this, an embedding capture keeps every layer's vectors
+
+
+def _post_norm_outliers(trace: Trace) -> OutlierResult:
+    return find_outliers(trace.patch_norms(post_norm=True))
+
+
+@dataclass(frozen=True, eq=False)
+class NormMaps:
+    """One norm map per model for one image, and the numbers behind them."""
+
+    overlays: list[Overlay]
+    outliers: list[OutlierResult]
+    table: Table
+
+
+def norm_maps(request: Request, ref: str, layer: int, post_norm: bool, threshold: float | None) -> NormMaps:
+    """Token-norm heat maps of one image and layer, one per model (the pair side by side).
+
+    After the final norm there is one map per model (the layer does not apply) and the
+    outliers are found on those norms with ``auto``, since a pre-norm threshold means nothing there.
+    """
+    result = captured(request)
+    index = request.images.index(ref)
+    overlays, found, rows = [], [], []
+    kind = figures.norm_label(post_norm)
+    for run in result.runs:
+        trace = run.traces[index]
+        check_layer(layer, trace.num_layers)
+        if post_norm:
+            values, outliers = trace.patch_norms(post_norm=True), _post_norm_outliers(trace)
+            where = "output, after the final norm"
+        else:
+            values, outliers = trace.patch_norms()[layer], outliers_of(run, index, threshold).layer(layer)
+            where = f"layer {layer}"
+        threshold_text = "no high mode" if outliers.threshold is None else f"threshold {outliers.threshold:.4g}"
+        title = (f"{run.choice.name}<br><sup>{weights_label(run.weights, run.num_registers > 0)}<br>"
+                 f"{where} · {outliers.count} outliers ({threshold_text}) · {run.num_registers} registers</sup>")
+        overlays.append(Overlay(title=title, values=values, image=display_uri(ref, trace), mask=outliers.mask, colorbar=kind))
+        found.append(outliers)
+        for (row, col), value in np.ndenumerate(values):
+            rows.append([run.choice.name, run.weights, image_name(ref), "post" if post_norm else layer, row, col,
+                         float(value), bool(outliers.mask[row, col])])
+    table = Table(["model", "weights", "image", "layer", "row", "col", "norm", "outlier"], rows)
+    return NormMaps(overlays=overlays, outliers=found, table=table)
+
+
+@dataclass(frozen=True, eq=False)
+class HistogramView:
+    histograms: list[NormHistogram]
+    table: Table
+
+
+def histogram(request: Request, layers: Sequence[int], post_norm: bool, threshold: float | None) -> HistogramView:
+    """Patch-token norms of the chosen layers over all chosen images, pooled per model.
+
+    ``auto`` finds the threshold on the pooled norms of each model.
+    """
+    result = captured(request)
+    histograms, rows = [], []
+    for run in result.runs:
+        pooled = []
+        for trace in run.traces:
+            grids = trace.patch_norms(post_norm=True)[None] if post_norm else trace.patch_norms()[[check_layer(l, trace.num_layers) for l in layers]]
+            pooled.append(grids.ravel())
+        norms = np.concatenate(pooled)
+        cut = find_outliers(norms[None], None if post_norm else threshold).threshold
+        hist = NormHistogram(label=run.short, norms=norms, threshold=cut)
+        histograms.append(hist)
+        rows.append([run.choice.name, run.weights, "post" if post_norm else " ".join(map(str, layers)), norms.size,
+                     cut, hist.count, hist.fraction, float(np.median(norms)), float(norms.max())])
+    table = Table(["model", "weights", "layers", "tokens", "threshold", "outliers", "fraction", "median", "max"], rows)
+    return HistogramView(histograms=histograms, table=table)
+
+
+def histogram_values(request: Request, layers: Sequence[int], post_norm: bool) -> Table:
+    """Every pooled norm, for download."""
+    result = captured(request)
+    rows = []
+    for run in result.runs:
+        for ref, trace in zip(request.images, run.traces):
+            grids = {"post": trace.patch_norms(post_norm=True)} if post_norm else {l: trace.patch_norms()[l] for l in layers}
+            for layer, grid in grids.items():
+                rows += [[run.choice.name, image_name(ref), layer, r, c, float(v)] for (r, c), v in np.ndenumerate(grid)]
+    return Table(["model", "image", "layer", "row", "col", "norm"], rows)
+
+
+@dataclass(frozen=True, eq=False)
+class EmergenceView:
+    curves: list[EmergenceCurve]
+    table: Table
+
+
+def emergence(request: Request, ref: str | None, threshold: float | None) -> EmergenceView:
+    """Per layer outlier count/share and max/median norm, for one image or the whole selection."""
+    result = captured(request)
+    indices = range(len(request.images)) if ref is None else [request.images.index(ref)]
+    curves, rows = [], []
+    for run in result.runs:
+        found = [outliers_of(run, i, threshold) for i in indices]
+        grids = [run.traces[i].patch_norms() for i in indices]  # [layer, row, col] each
+        depth = min(g.shape[0] for g in grids)
+        count = sum(f.counts[:depth] for f in found).astype(np.int64)
+        patches = sum(g[0].size for g in grids)
+        flat = np.concatenate([g[:depth].reshape(depth, -1) for g in grids], axis=1)  # [layer, token]
+        curve = EmergenceCurve(label=run.short, count=count, fraction=count / patches,
+                               norm_max=flat.max(axis=1), norm_median=np.median(flat, axis=1))
+        curves.append(curve)
+        rows += [[run.choice.name, run.weights, layer, int(count[layer]), float(curve.fraction[layer]),
+                  float(curve.norm_max[layer]), float(curve.norm_median[layer])] for layer in range(depth)]
+    table = Table(["model", "weights", "layer", "outliers", "fraction", "norm_max", "norm_median"], rows)
+    return EmergenceView(curves=curves, table=table)
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionPanel:
+    """One model's prefix-token attention maps for one image and layer, and CLS's attention on outliers."""
+
+    label: str
+    overlays: list[Overlay]
+    num_registers: int
+    cls_mass: ClsOutlierAttention | None
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionView:
+    panels: list[AttentionPanel]
+    table: Table
+
+
+def attention(request: Request, ref: str, layer: int, head: int | None, threshold: float | None) -> AttentionView:
+    """Attention maps of CLS and each register over the patches (per head or averaged), per model."""
+    result = captured(request)
+    index = request.images.index(ref)
+    panels, rows = [], []
+    head_text = "mean over heads" if head is None else f"head {head}"
+    for run in result.runs:
+        trace = run.traces[index]
+        check_layer(layer, trace.num_layers)
+        maps = attention_maps(trace, layer, head)
+        found = outliers_of(run, index, threshold)
+        overlays = [Overlay(title=f"{run.choice.name}: <b>{name}</b> ({maps.patch_mass[i]:.0%} on patches)", values=maps.maps[i],
+                            image=display_uri(ref, trace), mask=found.masks[layer],
+                            colorbar=f"attention (layer {layer}, {head_text})", value_name="attention")
+                    for i, name in enumerate(maps.names)]
+        mass = cls_outlier_attention(trace, found, head) if trace.layout.cls_index is not None else None
+        panels.append(AttentionPanel(label=run.short, overlays=overlays, num_registers=run.num_registers, cls_mass=mass))
+        for i, name in enumerate(maps.names):
+            rows += [[run.choice.name, image_name(ref), layer, head_text, name, r, c, float(v)] for (r, c), v in np.ndenumerate(maps.maps[i])]
+    table = Table(["model", "image", "layer", "head", "query", "row", "col", "attention"], rows)
+    return AttentionView(panels=panels, table=table)
+
+
+def state_layers_for(result: Captured, layer: int) -> tuple[int, ...]:
+    """Which layers' token vectors an embedding capture keeps: all of them when that is small."""
+    tokens = max(trace.layout.num_tokens for run in result.runs for trace in run.traces)
+    depth = result.num_layers
+    return tuple(range(depth)) if depth * tokens <= STATES_BUDGET else (layer,)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _pca(ids: tuple[str, ...], layer: int, threshold: float | None, _traces: tuple[Trace, ...]) -> TokenEmbedding:
+    return token_embedding(list(_traces), layer, "pca", threshold)
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingView:
+    label: str
+    embedding: TokenEmbedding
+    image_names: list[str]
+    image_refs: list[str]
+    table: Table
+
+
+def embedding(request: Request, layer: int, method: str, threshold: float | None, model_index: int = 0) -> EmbeddingView:
+    """PCA (instant) or UMAP (background job) of one layer's tokens of one model over the chosen images."""
+    plain = captured(request)
+    check_layer(layer, plain.num_layers)
+    model_index = min(model_index, len(request.models) - 1)
+    result = captured(request, state_layers_for(plain, layer))
+    run = result.runs[model_index]
+    if method == "pca":
+        found = _pca(run.ids, layer, threshold, run.traces)
+    else:
+        board = boards()["analysis"]
+        job = board.run(f"umap|{run.ids}|{layer}|{threshold}", f"UMAP of {run.choice.name} layer {layer}",
+                        lambda job: _umap(job, run.traces, layer, threshold))
+        found = board.result(job)
+    names = [image_name(ref) for ref in request.images]
+    rows = [[run.choice.name, names[i], r, c, float(n), bool(o), float(x), float(y)]
+            for i, r, c, n, o, (x, y) in zip(found.image, found.row, found.col, found.norm, found.outlier, found.coords)]
+    rows += [[run.choice.name, names[i], None, None, None, name, float(x), float(y)]
+             for i, name, (x, y) in zip(found.prefix_image, found.prefix_names, found.prefix_coords)]
+    table = Table(["model", "image", "row", "col", "norm", "outlier_or_token", "x", "y"], rows)
+    return EmbeddingView(label=run.label, embedding=found, image_names=names, image_refs=list(request.images), table=table)
+
+
+def _umap(job: Job, traces: tuple[Trace, ...], layer: int, threshold: float | None) -> TokenEmbedding:
+    points = sum(trace.layout.num_tokens for trace in traces)
+    job.report(0, 0, f"UMAP of {points} tokens (the first run also compiles UMAP, about half a minute)")
+    return token_embedding(list(traces), layer, "umap", threshold)
+
+
+def trace_npz(request: Request, threshold: float | None = None) -> bytes:
+    """All arrays of the request's traces (CLI ``--save`` names, prefixed ``m<model>_i<image>_``);
+    ``outliers``/``thresholds`` use ``threshold`` (None: auto)."""
+    result = captured(request)
+    arrays: dict[str, np.ndarray] = {
+        "models": np.array([run.label for run in result.runs]),
+        "images": np.array([image_name(ref) for ref in request.images]),
+    }
+    for m, run in enumerate(result.runs):
+        for i, trace in enumerate(run.traces):
+            found = outliers_of(run, i, threshold)
+            prefix = f"m{m}_i{i}_"
+            arrays.update({
+                prefix + "norms": trace.norms.astype(np.float32),
+                prefix + "final_norms": trace.final_norms.astype(np.float32),
+                prefix + "attention": trace.attention.astype(np.float32),
+                prefix + "outliers": found.masks,
+                prefix + "thresholds": found.thresholds,
+                prefix + "grid": np.array(trace.layout.grid),
+                prefix + "num_prefix_tokens": np.array(trace.layout.num_prefix),
+                prefix + "num_registers": np.array(trace.layout.num_registers),
+            })
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
