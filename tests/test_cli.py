@@ -187,3 +187,58 @@ def test_python_m_vitlens_bad_input_has_no_traceback(tmp_path, image, case):
     result = _python_m_vitlens(*_bad_inputs(tmp_path, image)[case])
     _one_line_error(result.returncode, result.stderr)
     assert result.stdout == ""
+
+
+def _special_path(tmp_path: Path, kind: str, name: str) -> Path:
+    path = tmp_path / name
+    if kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "folder"])
+def test_special_image_paths_are_refused_at_once(capsys, tmp_path, kind):
+    path = _special_path(tmp_path, kind, "picture.png")
+    code, out, err = _run(capsys, "inspect", path, "--model", "test_vit", "--weights", "random")
+    assert "not a regular file" in _one_line_error(code, err) and out == ""
+
+
+@pytest.mark.parametrize("target", ["folder", "dev_full", "no_suffix", "fifo"])
+def test_save_refuses_targets_numpy_would_rename_or_cannot_take(capsys, tmp_path, image, target):
+    save = {"folder": tmp_path, "dev_full": Path("/dev/full"), "no_suffix": tmp_path / "arrays.txt",
+            "fifo": tmp_path / "arrays.npz"}[target]
+    if target == "fifo":
+        os.mkfifo(save)
+    before = set(tmp_path.iterdir())
+    code, out, err = _run(capsys, "inspect", image, "--model", "test_vit", "--weights", "random", "--save", save)
+    assert "--save" in _one_line_error(code, err) and out == ""
+    assert set(tmp_path.iterdir()) == before and not Path("/dev/full.npz").exists()
+
+
+def test_save_reports_the_path_it_wrote(capsys, tmp_path, image):
+    out = tmp_path / "arrays.npz"
+    summary = _inspect_json(capsys, image, "--model", "test_vit", "--weights", "random", "--save", out)
+    assert summary["saved"] == str(out.resolve()) and out.is_file()
+    code, table, _ = _run(capsys, "inspect", image, "--model", "test_vit", "--weights", "random", "--save", out)
+    assert code == 0 and table.strip().splitlines()[-1] == f"arrays saved to {out.resolve()}"
+
+
+@pytest.mark.parametrize("setting, argv_tail", [
+    ({"VITLENS_CACHE_SIZE": "abc"}, ()),
+    ({"VITLENS_MAX_SIDE": "-5"}, ()),
+    ({"VITLENS_DEVICE": "bogus"}, ()),
+    ({"VITLENS_JOB_TIMEOUT": "nan"}, ()),
+    ({}, ("worker", "--device", "bogus")),
+    ({}, ("worker", "--device", "cuda:7")),
+])
+def test_bad_settings_are_one_line_errors(capsys, monkeypatch, image, setting, argv_tail):
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    argv = argv_tail or ("inspect", image, "--model", "test_vit", "--weights", "random")
+    code, out, err = _run(capsys, *argv)
+    message = _one_line_error(code, err)
+    assert "unexpectedly" not in message and out == ""

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -201,6 +203,26 @@ def test_read_image_file(tmp_path, png_file):
         read_image_file(tmp_path / "missing.png")
     with pytest.raises(ImageError):
         read_image_file(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "folder", "oversized"])
+def test_special_files_are_refused_without_reading(tmp_path, png_file, kind):
+    """A symlink to /dev/zero would be read forever and a FIFO would block: both are refused at once."""
+    path = tmp_path / "picture.png"
+    if kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path = png_file(64, 48)
+    start = time.monotonic()
+    with pytest.raises(ImageError) as refused:
+        read_image_file(path, max_bytes=1000)
+    assert time.monotonic() - start < 2
+    expected = {"dev_zero": "a device", "fifo": "a pipe", "folder": "a folder", "oversized": "more than the limit"}[kind]
+    assert expected in str(refused.value)
 
 
 def test_gallery_is_offline_and_decodes():

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from .analysis.outliers import LayerOutliers, layer_outliers, parse_threshold
-from .engine import Engine, TraceResult
+from .engine import Engine, TraceResult, resolve_device
 from .errors import OptionError, VitlensError
 from .images import read_image_file
 from .models import PRESETS, load_model
@@ -74,14 +74,17 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(args: argparse.Namespace, settings: Settings) -> int:
     threshold = parse_threshold(args.threshold)
     settings.check_side(args.size)
-    image = read_image_file(args.image, max_pixels=settings.max_pixels)
+    if args.save:
+        check_save_path(args.save)
+    image = read_image_file(args.image, max_pixels=settings.max_pixels, max_bytes=settings.max_image_bytes)
     engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
     options = CaptureOptions(side=args.size, antialias=not args.no_antialias, precision=args.precision)
     result = engine.traces([image], args.model, args.weights, options)[0]
     outliers = layer_outliers(result.trace, threshold)
+    summary = inspect_summary(args, result, outliers)
     if args.save:
         save_npz(args.save, result, outliers)
-    summary = inspect_summary(args, result, outliers)
+        summary["saved"] = str(args.save.resolve())
     print(json.dumps(summary, indent=2) if args.json else _format_table(summary))
     return 0
 
@@ -115,21 +118,42 @@ def inspect_summary(args: argparse.Namespace, result: TraceResult, outliers: Lay
     }
 
 
+def check_save_path(path: Path) -> None:
+    """Refuse a ``--save`` target that numpy would rename or that cannot take a file.
+
+    Raises:
+        OptionError: no ``.npz`` suffix (numpy would append one), an existing folder or special
+            file (a device, a pipe), or a folder to write in that is missing or read-only.
+    """
+    if path.suffix != ".npz":
+        raise OptionError(f"--save needs a file name ending in .npz, not '{path}'.")
+    if path.is_dir():
+        raise OptionError(f"--save '{path}' is a folder; give a file name ending in .npz.")
+    if path.exists() and not path.is_file():
+        raise OptionError(f"--save '{path}' is a device or special file, not a regular file.")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise OptionError(f"--save '{path}': the folder '{folder}' does not exist.")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise OptionError(f"--save '{path}' is not writable here (permission denied).")
+
+
 def save_npz(path: Path, result: TraceResult, outliers: LayerOutliers) -> None:
-    """Write the arrays of the CLI contract (see DESIGN.md)."""
+    """Write the arrays of the CLI contract (see DESIGN.md) to ``path`` (checked by ``check_save_path``)."""
     trace = result.trace
     try:
-        np.savez_compressed(
-            path,
-            norms=trace.norms.astype(np.float32),
-            final_norms=trace.final_norms.astype(np.float32),
-            attention=trace.attention.astype(np.float32),
-            outliers=outliers.masks,
-            thresholds=outliers.thresholds.astype(np.float32),
-            grid=np.array(trace.layout.grid),
-            num_prefix_tokens=np.array(trace.layout.num_prefix),
-            num_registers=np.array(trace.layout.num_registers),
-        )
+        with open(path, "wb") as handle:  # a file object: numpy never appends a suffix to it
+            np.savez_compressed(
+                handle,
+                norms=trace.norms.astype(np.float32),
+                final_norms=trace.final_norms.astype(np.float32),
+                attention=trace.attention.astype(np.float32),
+                outliers=outliers.masks,
+                thresholds=outliers.thresholds.astype(np.float32),
+                grid=np.array(trace.layout.grid),
+                num_prefix_tokens=np.array(trace.layout.num_prefix),
+                num_registers=np.array(trace.layout.num_registers),
+            )
     except OSError as error:
         raise OptionError(f"Cannot write '{path}': {error.strerror or error}.") from error
 
@@ -141,6 +165,8 @@ def _format_table(summary: dict) -> str:
     for layer in summary["layers"]:
         threshold = "-" if layer["threshold"] is None else f"{layer['threshold']:.1f}"
         rows.append(f"{layer['layer']:>5} {layer['norm_median']:>9.1f} {layer['norm_max']:>9.1f} {threshold:>9} {layer['num_outliers']:>8}")
+    if "saved" in summary:
+        rows.append(f"arrays saved to {summary['saved']}")
     return "\n".join([head, *rows])
 
 
@@ -158,15 +184,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     import signal
     import threading
 
-    import torch
-
     from .worker import Worker
 
     overrides = {"device": args.device, "worker_max_models": args.max_models, "worker_batch": args.batch,
                  "precision": args.precision}
     settings = dataclasses.replace(settings, **{key: value for key, value in overrides.items() if value is not None})
-    if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"Device '{settings.device}' was asked for, but no CUDA GPU is visible to this process.")
+    resolve_device(settings.device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
 

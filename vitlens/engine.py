@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from .capture import Trace, capture
+from .errors import OptionError
 from .images import DecodedImage, resize_for_model, to_tensor
 from .models import LoadedModel, load_model, resolve_spec, weights_fingerprint
 from .store import CaptureOptions, TraceStore, trace_key
@@ -29,10 +30,22 @@ class TraceResult:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when there is a GPU, else the CPU."""
+    """``auto`` picks CUDA when there is a GPU, else the CPU.
+
+    Raises:
+        OptionError: not a device name, or a CUDA device that this process cannot see.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise OptionError(f"Device must be auto, cpu, mps, cuda or cuda:N, not '{device[:40]}'.") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"Device '{device}' was asked for, but no CUDA GPU is visible to this process.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise OptionError(f"Device '{device}' does not exist: this process sees {torch.cuda.device_count()} CUDA GPU(s).")
+    return resolved
 
 
 def _unchanged(loaded: LoadedModel, weights: str) -> bool:

@@ -12,8 +12,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, OptionError
+from .files import read_regular
 
 DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000; larger uploads are refused before decoding
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20  # image files larger than this are refused before reading
 _WHITE = (255, 255, 255)
 
 # Public-domain photographs shipped inside the scikit-image wheel (no download needed).
@@ -110,14 +112,16 @@ def _pixel_digest(image: Image.Image) -> str:
     return digest.hexdigest()[:24]
 
 
-def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode an image file from disk (see ``decode_image``)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ImageError(f"Cannot read '{path}': {error.strerror or error}.") from error
-    return decode_image(data, name=path.name, max_pixels=max_pixels)
+def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> DecodedImage:
+    """Decode an image file from disk (see ``decode_image``).
+
+    Raises:
+        ImageError: not a regular file (folder, pipe, device), larger than ``max_bytes``,
+            unreadable, or not a decodable image.
+    """
+    data = read_regular(path, max_bytes, ImageError, "Image")
+    return decode_image(data, name=Path(path).name, max_pixels=max_pixels)
 
 
 def gallery_image(name: str) -> DecodedImage:

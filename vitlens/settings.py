@@ -1,16 +1,22 @@
 """The one settings object, read from the environment by the entry points (CLI, app, worker)."""
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 from .errors import OptionError, UnknownModelError, WeightsError
-from .images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from .store import DEFAULT_SIZE_LIMIT
 
 MODES = ("embedded", "hosted")
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_POSITIVE = ("cache_size", "max_pixels", "max_image_bytes", "max_side", "job_timeout", "worker_wait", "worker_batch",
+             "worker_max_models", "worker_lease", "job_attempts", "poll_interval")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")  # as vitlens.models.WEIGHT_SUFFIXES (not imported: it pulls in timm)
 
 
@@ -27,6 +33,7 @@ class Settings:
         cache_size: Cache size limit in bytes.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         max_pixels: Largest image (width x height) accepted for decoding.
+        max_image_bytes: Largest image file accepted (checked before reading it).
         max_side: Largest capture side in pixels.
         allowed_models: Model names the app offers and accepts; None: any preset or timm ViT.
         weights_dir: Folder the app may load local weights files from; None: no local files.
@@ -52,6 +59,7 @@ class Settings:
     cache_size: int = DEFAULT_SIZE_LIMIT
     device: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_side: int = 1036
     allowed_models: tuple[str, ...] | None = None
     weights_dir: Path | None = None
@@ -71,8 +79,12 @@ class Settings:
             raise OptionError(f"VITLENS_MODE must be one of {', '.join(MODES)}, not '{self.mode}'.")
         if self.precision is not None and self.precision not in PRECISION_CHOICES:
             raise OptionError(f"VITLENS_PRECISION must be one of {', '.join(PRECISION_CHOICES)}, not '{self.precision}'.")
-        if self.worker_batch < 1 or self.worker_max_models < 1 or self.job_attempts < 1:
-            raise OptionError("VITLENS_WORKER_BATCH, VITLENS_WORKER_MAX_MODELS and VITLENS_JOB_ATTEMPTS must be at least 1.")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise OptionError(f"Device must be auto, cpu, mps, cuda or cuda:N, not '{self.device[:40]}'.")
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise OptionError(f"VITLENS_{name.upper()} must be a finite number more than 0, not {value}.")
 
     @property
     def queue_dir(self) -> Path:
@@ -129,31 +141,37 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Settings from ``VITLENS_*`` environment variables (unset or empty: the default).
+
+        Raises:
+            OptionError: a value is not of its field's type or out of range (one sentence).
+        """
         env = os.environ if environ is None else environ
-        defaults = cls()
+        values = {}
+        for item in fields(cls):
+            text = env.get(f"VITLENS_{item.name.upper()}", "").strip()
+            if text:
+                values[item.name] = _parse(item.name, text)
+        return cls(**values)
 
-        def get(name: str, default):
-            return env.get(f"VITLENS_{name.upper()}", default)
 
-        allowed = get("allowed_models", None)
-        weights_dir = get("weights_dir", None)
-        job_dir = get("job_dir", None)
-        return cls(
-            cache_dir=Path(get("cache_dir", defaults.cache_dir)),
-            cache_size=int(get("cache_size", defaults.cache_size)),
-            device=get("device", defaults.device),
-            max_pixels=int(get("max_pixels", defaults.max_pixels)),
-            max_side=int(get("max_side", defaults.max_side)),
-            allowed_models=tuple(name.strip() for name in allowed.split(",") if name.strip()) if allowed else None,
-            weights_dir=Path(weights_dir) if weights_dir else None,
-            mode=get("mode", defaults.mode),
-            job_dir=Path(job_dir) if job_dir else None,
-            job_timeout=float(get("job_timeout", defaults.job_timeout)),
-            worker_wait=float(get("worker_wait", defaults.worker_wait)),
-            worker_batch=int(get("worker_batch", defaults.worker_batch)),
-            worker_max_models=int(get("worker_max_models", defaults.worker_max_models)),
-            worker_lease=float(get("worker_lease", defaults.worker_lease)),
-            job_attempts=int(get("job_attempts", defaults.job_attempts)),
-            precision=get("precision", None) or None,
-            poll_interval=float(get("poll_interval", defaults.poll_interval)),
-        )
+def _parse(name: str, text: str) -> object:
+    """One environment value converted to its field's type."""
+    convert = _CONVERTERS.get(name, str)
+    try:
+        return convert(text)
+    except ValueError as error:
+        kind = {int: "a whole number", float: "a number"}.get(convert, "valid")
+        raise OptionError(f"VITLENS_{name.upper()} must be {kind}, not '{text[:40]}'.") from error
+
+
+def _model_names(text: str) -> tuple[str, ...] | None:
+    return tuple(name.strip() for name in text.split(",") if name.strip()) or None
+
+
+_CONVERTERS: dict[str, Callable[[str], object]] = {
+    "cache_dir": Path, "weights_dir": Path, "job_dir": Path, "allowed_models": _model_names,
+    "cache_size": int, "max_pixels": int, "max_image_bytes": int, "max_side": int, "worker_batch": int,
+    "worker_max_models": int, "job_attempts": int,
+    "job_timeout": float, "worker_wait": float, "worker_lease": float, "poll_interval": float,
+}
