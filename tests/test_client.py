@@ -134,3 +134,35 @@ def test_get_client_is_one_per_settings(tmp_path: Path) -> None:
     settings = job_settings(tmp_path, mode="hosted")
     assert get_client(settings) is get_client(settings)
     assert get_client(job_settings(tmp_path / "other", mode="hosted")) is not get_client(settings)
+
+
+def test_a_damaged_queue_is_rebuilt_and_the_worker_keeps_serving(tmp_path: Path) -> None:
+    settings = job_settings(tmp_path, mode="hosted")
+    client, stop = Client(settings), threading.Event()
+    thread = threading.Thread(target=Worker(settings).run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert len(client.compute_traces([image(1)], MODEL, "random", OPTIONS)) == 1
+        with open(client.queue.db_path, "r+b") as handle:
+            handle.write(b"garbage over the SQLite header" * 4)
+        results = client.compute_traces([image(2)], MODEL, "random", OPTIONS)  # no sqlite3 error reaches us
+        assert len(results) == 1 and thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def test_a_job_lost_to_a_rebuilt_queue_is_submitted_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = Client(job_settings(tmp_path))
+    original, lost = client.wait, []
+
+    def wait_once_lost(job_id, *args, **kwargs):
+        if not lost:
+            lost.append(job_id)
+            client.queue.db_path.unlink()  # the table vanishes while the session waits
+        return original(job_id, *args, **kwargs)
+
+    monkeypatch.setattr(client, "wait", wait_once_lost)
+    results = client.compute_traces([image(3)], MODEL, "random", OPTIONS)
+    assert lost and len(results) == 1
+    client.close()

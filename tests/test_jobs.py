@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
 from job_fixtures import image, job_settings
-from vitlens.errors import UnknownModelError, WeightsError
+from vitlens.errors import StorageError, UnknownModelError, WeightsError
 from vitlens.jobs import DONE, FAILED, QUEUED, RUNNING, JobQueue, JobSpec, MalformedJobError
 from vitlens.store import CaptureOptions
 
@@ -207,3 +208,42 @@ def test_allowed_models(tmp_path: Path) -> None:
     settings.check_model("test_vit")
     with pytest.raises(UnknownModelError, match="not offered"):
         settings.check_model("vit_large_patch14_dinov2")
+
+
+def _overwrite_header(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.write(b"this is not a SQLite file at all" * 4)
+
+
+def _drop_jobs_table(queue: JobQueue) -> None:
+    conn = sqlite3.connect(queue.db_path)
+    conn.execute("DROP TABLE jobs")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("damage", ["header", "drop_table", "delete_file"])
+def test_a_damaged_or_deleted_job_table_is_rebuilt_not_raised(queue: JobQueue, damage: str) -> None:
+    queue.submit(_spec(queue, 1))
+    for suffix in ("-wal", "-shm"):  # checkpointed state, as after the last connection closed
+        assert not queue.db_path.with_name(queue.db_path.name + suffix).exists()
+    if damage == "header":
+        _overwrite_header(queue.db_path)
+    elif damage == "drop_table":
+        _drop_jobs_table(queue)
+    else:
+        queue.db_path.unlink()
+    status = queue.submit(_spec(queue, 2))  # no sqlite3 error: the queue is repaired first
+    assert status.state == QUEUED and queue.counts()[QUEUED] >= 1
+    assert queue.db_path.with_name("jobs.sqlite.damaged").exists() == (damage == "header")
+
+
+def test_storage_errors_are_one_sentence_storage_errors(queue: JobQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError(f"database is locked: {queue.db_path}")
+
+    monkeypatch.setattr(JobQueue, "_probe", locked)
+    with pytest.raises(StorageError) as refused:
+        queue.status("x")
+    assert not isinstance(refused.value, sqlite3.Error)
+    assert str(queue.directory) not in str(refused.value) and str(refused.value).endswith(".")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import sqlite3
 import struct
 from pathlib import Path
 
@@ -200,3 +201,33 @@ def test_size_limit_evicts_least_recently_used(tmp_path):
     assert present == list(range(present[0], 120))  # the oldest went first
     assert 20 <= len(present) < 60
     store.close()
+
+
+def _overwrite_index_header(directory: Path) -> None:
+    with open(directory / "cache.db", "r+b") as handle:
+        handle.write(b"not the header SQLite expects" * 4)
+
+
+def test_a_damaged_index_is_rebuilt_when_opened(tmp_path):
+    store = TraceStore(tmp_path / "traces")
+    store.put("k", _synthetic_trace())
+    store.close()
+    _overwrite_index_header(tmp_path / "traces")
+    reopened = TraceStore(tmp_path / "traces")  # no sqlite3 error
+    assert reopened.get("k") is None
+    reopened.put("k", _synthetic_trace(seed=1))
+    assert reopened.get("k") is not None and (tmp_path / "traces" / "cache.db.damaged").exists()
+
+
+def test_an_index_damaged_while_open_is_a_miss_then_rebuilt(tmp_path):
+    store = TraceStore(tmp_path / "traces")
+    store.put("k", _synthetic_trace())
+    other = TraceStore(tmp_path / "traces")  # e.g. the worker, while the app holds `store`
+    with sqlite3.connect(tmp_path / "traces" / "cache.db") as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the header is read from the file, not the WAL
+    _overwrite_index_header(tmp_path / "traces")
+    assert TraceStore(tmp_path / "traces").get("k") is None  # a third process opens it: rebuilt, no sqlite3 error
+    assert store.get("k") is None and "k" not in store  # the open ones follow the new index
+    store.put("k2", _synthetic_trace(seed=2))
+    assert other.get("k2") is not None  # both write and read the same, rebuilt index
+    assert len(list((tmp_path / "traces").glob("cache.db.damaged*"))) >= 1

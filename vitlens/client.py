@@ -18,7 +18,7 @@ from . import errors
 from .engine import TraceResult
 from .errors import VitlensError
 from .images import DecodedImage
-from .jobs import (DONE, FAILED, JobError, JobQueue, JobSpec, JobStatus, JobTimeoutError, MalformedJobError,
+from .jobs import (DONE, FAILED, JobError, JobLostError, JobQueue, JobSpec, JobStatus, JobTimeoutError, MalformedJobError,
                    NoWorkerError)
 from .models import resolve_spec
 from .settings import Settings
@@ -73,7 +73,12 @@ class Client:
         if not images:
             return []
         spec, joined = self._submit(images, model, weights, options)
-        status = self.wait(spec.job_id, progress, timeout)
+        try:
+            status = self.wait(spec.job_id, progress, timeout)
+        except JobLostError:  # pruned, or the queue was rebuilt after damage: its images are still stored
+            log.warning("job %s vanished from the queue; submitting it again", spec.job_id)
+            spec, joined = self._submit(images, model, weights, options)
+            status = self.wait(spec.job_id, progress, timeout)
         results = self._read(status, all_cached=joined.state == DONE)
         if results is None:  # done, but traces were evicted from the store since: run again once
             log.info("job %s is done but its traces were evicted; running it again", spec.job_id)
@@ -115,7 +120,8 @@ class Client:
                 last_recovery = now
             status = self.queue.status(job_id)
             if status is None:
-                raise JobError("The job disappeared from the queue (it was pruned); submit it again.")
+                raise JobLostError("The job disappeared from the queue (it was pruned or the queue was rebuilt); "
+                                   "submit it again.")
             if progress is not None:
                 progress(status)
             if status.state == DONE:

@@ -23,3 +23,7 @@ class HubUnavailableError(VitlensError):
 
 class OptionError(VitlensError):
     """An option value is out of range (size, threshold, layer, ...)."""
+
+
+class StorageError(VitlensError):
+    """The job queue or trace cache on disk is damaged, missing or busy (rebuilt where possible)."""

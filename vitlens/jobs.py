@@ -29,6 +29,7 @@ is gone, go back to the queue or fail after ``max_attempts``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -41,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import VitlensError
+from .errors import StorageError, VitlensError
 from .images import DecodedImage, decode_image
 from .store import CaptureOptions
 
@@ -86,6 +87,10 @@ class JobError(VitlensError):
 
 class MalformedJobError(JobError):
     """A job in the queue cannot be read (bad spec, missing image)."""
+
+
+class JobLostError(JobError):
+    """The job is no longer in the queue (pruned, or the queue was rebuilt after damage)."""
 
 
 class JobTimeoutError(JobError):
@@ -243,9 +248,8 @@ class JobQueue:
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+        with self._connect():
+            pass  # creates (or repairs) the tables
 
     @property
     def images_dir(self) -> Path:
@@ -462,11 +466,82 @@ class JobQueue:
     # -- sqlite plumbing ---------------------------------------------------------------------
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A short-lived connection (one per call, so threads and processes never share one)."""
+        """A short-lived connection (one per call, so threads and processes never share one).
+
+        The tables are checked first: a missing table is created again, a damaged file is
+        moved aside and replaced by an empty queue. Any other SQLite error becomes one
+        ``StorageError`` sentence.
+
+        Raises:
+            StorageError: the queue cannot be opened, repaired or written.
+        """
+        conn = self._open()
+        try:
+            yield conn
+        except sqlite3.DatabaseError as error:
+            conn.close()
+            if _damaged(error):
+                with self._repair_lock():
+                    self._move_aside(error)
+                    self._create_tables()
+            raise StorageError(_storage_sentence(error)) from error
+        finally:
+            conn.close()
+
+    def _open(self) -> sqlite3.Connection:
+        """A connection to a queue whose tables are readable (repairing it first when needed)."""
+        try:
+            return self._probe()
+        except sqlite3.DatabaseError as error:
+            log.warning("job queue %s is unusable (%s); repairing it", self.db_path, error)
+        try:
+            with self._repair_lock():
+                self._repair()
+                return self._probe()
+        except (sqlite3.DatabaseError, OSError) as error:
+            raise StorageError(_storage_sentence(error)) from error
+
+    def _probe(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
-            yield conn
+            conn.execute("SELECT 1 FROM jobs, workers LIMIT 0")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextlib.contextmanager
+    def _repair_lock(self) -> Iterator[None]:
+        """One repairing process at a time (the others wait, then find the queue repaired)."""
+        with open(self.directory / "jobs.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _repair(self) -> None:
+        """Create missing tables; move a damaged database aside (``jobs.sqlite.damaged``) and start empty."""
+        try:
+            self._create_tables()
+        except sqlite3.DatabaseError as error:
+            self._move_aside(error)
+            self._create_tables()
+
+    def _move_aside(self, error: sqlite3.DatabaseError) -> None:
+        log.error("job queue %s is damaged (%s); moving it to %s.damaged and starting an empty queue",
+                  self.db_path, error, self.db_path.name)
+        for suffix in ("", "-wal", "-shm"):
+            source = self.db_path.with_name(self.db_path.name + suffix)
+            if source.exists():
+                os.replace(source, source.with_name(self.db_path.name + ".damaged" + suffix))
+
+    def _create_tables(self) -> None:
+        conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
         finally:
             conn.close()
 
@@ -478,9 +553,27 @@ class JobQueue:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+
+def _damaged(error: sqlite3.DatabaseError) -> bool:
+    text = str(error).lower()
+    return "malformed" in text or "not a database" in text
+
+
+def _storage_sentence(error: BaseException) -> str:
+    """One sentence for a SQLite failure, without paths or SQL."""
+    text = str(error).lower()
+    if isinstance(error, sqlite3.DatabaseError) and _damaged(error):
+        return "The job queue's database was damaged and has been rebuilt empty; submit the request again."
+    if "locked" in text or "busy" in text:
+        return "The job queue is busy; try again in a moment."
+    if "readonly" in text or "read-only" in text or isinstance(error, PermissionError):
+        return "The job queue's folder is read-only, so no job can be queued; ask the operator to fix its permissions."
+    return "The job queue's storage failed and could not be repaired; try again, or ask the operator to check its disk."
 
 
 def _next_seq(conn: sqlite3.Connection) -> int:

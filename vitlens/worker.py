@@ -21,7 +21,7 @@ import torch
 
 from .capture import PRECISIONS
 from .engine import Engine
-from .errors import OptionError, VitlensError
+from .errors import OptionError, StorageError, VitlensError
 from .images import DecodedImage
 from .jobs import ClaimedJob, JobQueue, JobSpec, MalformedJobError
 from .models import resolve_spec
@@ -81,21 +81,34 @@ class Worker:
         try:
             while not stop.is_set() and (max_jobs is None or self.jobs_run < max_jobs):
                 now = time.monotonic()
-                if now - last_recovery > min(5.0, self.queue.lease / 2):
-                    self.queue.recover()
-                    last_recovery = now
-                if now - last_prune > PRUNE_EVERY:
-                    self.queue.prune()
-                    last_prune = now
-                if not self.run_once():
+                try:
+                    if now - last_recovery > min(5.0, self.queue.lease / 2):
+                        self.queue.recover()
+                        last_recovery = now
+                    if now - last_prune > PRUNE_EVERY:
+                        self.queue.prune()
+                        last_prune = now
+                    claimed = self.run_once()
+                except StorageError as error:  # the queue repairs itself where it can; keep serving
+                    log.error("worker %s: %s", self.worker_id, error)
+                    claimed = 0
+                if not claimed:
                     stop.wait(self.settings.poll_interval)
         finally:
             beating.set()
-            released = self.queue.release(self.worker_id)
-            if released:
-                log.warning("worker %s stopping: %d running job(s) put back in the queue", self.worker_id, released)
-            self.queue.unregister(self.worker_id)
+            self._leave()
             heart.join(timeout=5)
+
+    def _leave(self) -> None:
+        """Put this worker's running jobs back in the queue and unregister it."""
+        try:
+            released = self.queue.release(self.worker_id)
+            self.queue.unregister(self.worker_id)
+        except StorageError as error:
+            log.error("worker %s could not release its jobs on the way out: %s", self.worker_id, error)
+            return
+        if released:
+            log.warning("worker %s stopping: %d running job(s) put back in the queue", self.worker_id, released)
 
     def _beat(self, stopped: threading.Event) -> None:
         interval = max(0.05, self.queue.lease / 5)
