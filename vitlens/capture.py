@@ -36,7 +36,8 @@ class Trace:
         input_size: Model input (height, width) in pixels.
         norms: L2 norm of every token after each block, before the final norm.  # [layer, token]
         final_norms: L2 norm of every token after the final norm.  # [token]
-        attention: Softmax attention of each prefix query over all tokens.  # [layer, head, prefix, token]
+        attention: Softmax attention of each prefix query over all tokens; no heads (size 0)
+            when captured with ``attention=False``.  # [layer, head, prefix, token]
         neighbor_similarity: Mean cosine similarity of each patch embedding (before position
             embedding) to its 4 neighbours.  # [row, col]
         states: Token vectors of the requested layers.  # {layer: [token, channel]}
@@ -69,6 +70,7 @@ def capture(
         antialias: bool = True,
         state_layers: Sequence[int] = (),
         precision: str = "fp32",
+        attention: bool = True,
 ) -> list[Trace]:
     """Run one forward pass over a batch and record a ``Trace`` per image.
 
@@ -78,12 +80,14 @@ def capture(
         antialias: Antialias when resampling position embeddings to a new grid (paper, appendix A).
         state_layers: Blocks whose output token vectors are kept.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; norms and softmax stay float32).
+        attention: Record prefix attention; False skips its computation and host copy (sweeps
+            need only norms).
     """
     model = loaded.model
     state_layers = sorted({_check_layer(layer, len(model.blocks)) for layer in state_layers})
     input_size = tuple(pixels.shape[-2:])
     with loaded.lock, input_resolution(model, input_size, antialias) as grid, \
-            record(model, model.num_prefix_tokens, state_layers) as recorder:
+            record(model, model.num_prefix_tokens, state_layers, attention) as recorder:
         with torch.inference_mode(), _autocast(loaded.device, precision):
             model.forward_features(pixels.to(loaded.device))
     return recorder.traces(TokenLayout.from_model(model, grid), input_size)
@@ -129,9 +133,10 @@ def input_resolution(model: VisionTransformer, size: tuple[int, int], antialias:
 class _Recorder:
     """Forward hooks that collect per-block tensors on the model's device."""
 
-    def __init__(self, model: VisionTransformer, num_prefix: int, state_layers: Sequence[int]) -> None:
+    def __init__(self, model: VisionTransformer, num_prefix: int, state_layers: Sequence[int], attention: bool = True) -> None:
         self.num_prefix = num_prefix
         self.state_layers = state_layers
+        self.with_attention = attention
         self.norms: list[torch.Tensor] = []  # per block: [batch, token]
         self.attention: list[torch.Tensor] = []  # per block: [batch, head, prefix, token]
         self.states: dict[int, torch.Tensor] = {}  # [batch, token, channel]
@@ -142,6 +147,9 @@ class _Recorder:
         pairs = [(model.patch_embed, self._on_patch_embed), (model.norm, self._on_final_norm)]
         for index, block in enumerate(model.blocks):
             attn = getattr(block, "attn", None)
+            if not self.with_attention:
+                pairs.append((block, self._block_hook(index)))
+                continue
             if attn is None or not isinstance(getattr(attn, "qkv", None), torch.nn.Linear):
                 raise TypeError(f"block {index} ({type(block).__name__}) has no attn.qkv projection to read attention from")
             pairs.append((attn.qkv, self._attention_hook(attn)))
@@ -172,9 +180,16 @@ class _Recorder:
                 self.attention.append(logits.softmax(dim=-1))
         return hook
 
+    def _host_attention(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Recorded attention on the host, or an empty one (no heads) when not recorded."""
+        if not self.with_attention:
+            batch, layers, tokens = shape
+            return np.zeros((batch, layers, 0, self.num_prefix, tokens), dtype=np.float32)
+        return _to_host(torch.stack(self.attention, dim=1)).numpy()
+
     def traces(self, layout: TokenLayout, input_size: tuple[int, int]) -> list[Trace]:
         norms = torch.stack(self.norms, dim=1).cpu().numpy()  # [batch, layer, token]
-        attention = _to_host(torch.stack(self.attention, dim=1)).numpy()  # [batch, layer, head, prefix, token]
+        attention = self._host_attention(norms.shape)  # [batch, layer, head, prefix, token]
         final_norms = self.final_norms.cpu().numpy()
         similarity = neighbor_similarity(self.patch_embeddings, layout.grid).cpu().numpy()
         states = {layer: _to_host(tensor).numpy() for layer, tensor in self.states.items()}
@@ -203,9 +218,10 @@ def _norms(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def record(model: VisionTransformer, num_prefix: int, state_layers: Sequence[int] = ()) -> Iterator[_Recorder]:
+def record(model: VisionTransformer, num_prefix: int, state_layers: Sequence[int] = (),
+           attention: bool = True) -> Iterator[_Recorder]:
     """Attach recording hooks for the duration of the block; they are removed even on error."""
-    recorder = _Recorder(model, num_prefix, state_layers)
+    recorder = _Recorder(model, num_prefix, state_layers, attention)
     handles = []
     try:
         for module, hook in recorder.hooks(model):

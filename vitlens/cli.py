@@ -1,4 +1,4 @@
-"""Command line: ``python -m vitlens inspect|models|fetch|worker``."""
+"""Command line: ``python -m vitlens inspect|sweep|models|fetch|worker``."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--save", type=Path, help="write the arrays to this .npz file")
     inspect.add_argument("--json", action="store_true", help="print a JSON summary")
     inspect.set_defaults(run=_inspect)
+
+    sweep = commands.add_parser("sweep", help="images x models x weights (checkpoint series) -> Parquet rows per layer")
+    sweep.add_argument("images", help="a folder (searched recursively) or a quoted glob")
+    sweep.add_argument("--model", nargs="+", required=True, help="presets or timm ViT names")
+    sweep.add_argument("--weights", nargs="+", required=True, help="hub, random, synthetic, files, folders or quoted globs")
+    sweep.add_argument("--out", type=Path, required=True, help="results folder (Parquet dataset); a rerun continues it")
+    sweep.add_argument("--size", type=int, default=None, help="longer input side in pixels (default: each model's own)")
+    sweep.add_argument("--threshold", default="auto", help="outlier norm threshold: auto (default) or a number")
+    sweep.add_argument("--batch", type=int, default=8, help="images per forward pass and per Parquet file (default 8)")
+    sweep.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray")
+    sweep.add_argument("--ray-address", default=None, help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
+    sweep.add_argument("--no-antialias", action="store_true", help="resample position embeddings without antialiasing")
+    sweep.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    sweep.add_argument("--json", action="store_true", help="print a JSON summary")
+    sweep.set_defaults(run=_sweep)
 
     models = commands.add_parser("models", help="list the model presets")
     models.set_defaults(run=_models)
@@ -168,6 +183,23 @@ def _format_table(summary: dict) -> str:
     if "saved" in summary:
         rows.append(f"arrays saved to {summary['saved']}")
     return "\n".join([head, *rows])
+
+
+def _sweep(args: argparse.Namespace, settings: Settings) -> int:
+    from .sweep import run_sweep, sweep_progress_bar
+
+    settings.check_side(args.size)
+    with sweep_progress_bar() as progress:
+        summary = run_sweep(args.images, args.model, args.weights, args.out, size=args.size, threshold=args.threshold,
+                            batch=args.batch, engine=args.engine, ray_address=args.ray_address,
+                            antialias=not args.no_antialias, precision=args.precision, device=settings.device,
+                            store=TraceStore(settings.cache_dir, settings.cache_size), max_pixels=settings.max_pixels,
+                            progress=progress)
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print(summary.describe())
+    return 0
 
 
 def _models(args: argparse.Namespace, settings: Settings) -> int:

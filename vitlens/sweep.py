@@ -1,0 +1,561 @@
+"""Sweeps: every image through every (model, weights) pair, one Parquet row per block.
+
+``run_sweep`` is the library entry point behind ``python -m vitlens sweep`` (contract in
+DESIGN.md). Work is split into tasks of at most ``batch`` images of one (model, weights) pair;
+each finished task is written as one Parquet file (temporary name, then an atomic rename), so a
+killed sweep loses at most the tasks in flight, and a rerun skips every (model, weights, image)
+already in the folder. Traces already in the trace cache are reused; the rest are captured
+without prefix attention (a sweep needs norms only).
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+import os
+import re
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+
+from .analysis.outliers import layer_outliers, parse_threshold
+from .capture import PRECISIONS, Trace, capture
+from .checkpoints import WEIGHT_SUFFIXES
+from .engine import resolve_device
+from .errors import ImageError, OptionError, WeightsError
+from .images import DEFAULT_MAX_PIXELS, input_shape, read_image_file, resize_for_model, to_tensor
+from .models import LoadedModel, load_model, resolve_spec
+from .store import CaptureOptions, TraceStore, trace_key
+
+NORM_HIST_EDGES = np.logspace(-2, 4, 121)  # fixed log-spaced bins of patch-token norms (120 bins)
+NAMED_WEIGHTS = ("hub", "random", "synthetic")
+ENGINES = ("local", "ray")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_TMP_PREFIX = ".part-"  # dataset readers skip names starting with '.'
+
+SCHEMA = pa.schema([
+    ("model", pa.string()), ("weights", pa.string()), ("step", pa.int64()), ("image", pa.string()),
+    ("layer", pa.int64()), ("num_outliers", pa.int64()), ("outlier_fraction", pa.float64()),
+    ("threshold", pa.float64()), ("norm_median", pa.float64()), ("norm_max", pa.float64()),
+    ("num_layers", pa.int64()), ("grid_rows", pa.int64()), ("grid_cols", pa.int64()), ("size", pa.int64()),
+    ("antialias", pa.bool_()), ("num_registers", pa.int64()), ("fingerprint", pa.string()),
+    ("outlier_cells", pa.list_(pa.int32())), ("norm_hist", pa.list_(pa.int32())),
+    ("cls_norm", pa.float64()), ("register_norm", pa.float64()),
+])
+
+Progress = Callable[[int, int], None]  # (image x weights pairs done, in total)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One weights choice of a series: ``weights`` as named (a path or hub/random/synthetic)."""
+
+    weights: str
+    step: int | None
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """An image file and its name in the results (relative to the IMAGES folder, '/'-separated)."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """At most ``batch`` images of one (model, weights) pair: the unit of work and of one Parquet file."""
+
+    model: str
+    checkpoint: Checkpoint
+    images: tuple[ImageItem, ...]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """How each image is fed and judged; the same for every task of a sweep.
+
+    Attributes:
+        size: Longer input side in pixels; None: each model's own.
+        threshold: Fixed outlier norm, or None for ``auto``.
+        antialias: Antialiased position-embedding resampling.
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+        model_args: Extra timm constructor arguments (tests use them for tiny models).
+        max_pixels: Largest image accepted for decoding.
+    """
+
+    size: int | None = None
+    threshold: float | None = None
+    antialias: bool = True
+    precision: str = "fp32"
+    model_args: Mapping[str, object] = field(default_factory=dict)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def options(self) -> CaptureOptions:
+        return CaptureOptions(side=self.size, antialias=self.antialias, precision=self.precision)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Rows of one task, the images that could not be read, and how many images were run."""
+
+    table: pa.Table
+    failed: tuple[tuple[str, str], ...]  # (image, reason)
+    computed: int
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """What ``--json`` prints (see DESIGN.md).
+
+    Attributes:
+        rows: Rows in the results folder after the run.
+        computed: (model, weights, image) triples run now.
+        skipped: Triples already in the folder.
+        images_per_s: ``computed`` per second of this run.
+        failed: {image, reason} of each file that is not a readable image.
+        checkpoints: Per (model, weights): model, weights, step, first_layer_with_outliers,
+            max_outlier_fraction (over the folder's rows of that pair).
+        stopped: ``should_stop`` ended the run early.
+    """
+
+    rows: int
+    computed: int
+    skipped: int
+    images_per_s: float
+    failed: list[dict]
+    checkpoints: list[dict]
+    stopped: bool = False
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "computed": self.computed, "skipped": self.skipped,
+                "images_per_s": self.images_per_s, "failed": self.failed, "checkpoints": self.checkpoints}
+
+    def describe(self) -> str:
+        """A few lines for people: totals, failed images, and per checkpoint the first layer with outliers."""
+        lines = [f"{self.rows} rows; {self.computed} image x weights pairs computed ({self.images_per_s:.1f} images/s), "
+                 f"{self.skipped} already there, {len(self.failed)} failed"]
+        lines += [f"  failed: {entry['image']}: {entry['reason']}" for entry in self.failed]
+        for entry in self.checkpoints:
+            step = "" if entry["step"] is None else f" (step {entry['step']})"
+            first = entry["first_layer_with_outliers"]
+            share = entry["max_outlier_fraction"]
+            lines.append(f"  {entry['model']} {entry['weights']}{step}: "
+                         + ("no outliers" if first is None else f"outliers from layer {first}")
+                         + ("" if share is None else f", max outlier share {share:.3f}"))
+        return "\n".join(lines)
+
+
+def run_sweep(
+        images: str | os.PathLike,
+        models: Sequence[str],
+        weights: Sequence[str],
+        out: str | os.PathLike,
+        size: int | None = None,
+        threshold: str | float | None = "auto",
+        batch: int = 8,
+        engine: str = "local",
+        ray_address: str | None = None,
+        antialias: bool = True,
+        precision: str = "fp32",
+        device: str = "auto",
+        store: TraceStore | None = None,
+        model_args: Mapping[str, object] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+) -> SweepSummary:
+    """Run every image through every (model, weights) pair and append the rows to ``out``.
+
+    Args:
+        images: A folder (searched recursively) or a glob pattern.
+        models: Presets or timm ViT names.
+        weights: ``hub``, ``random``, ``synthetic``, files, folders or glob patterns; the files
+            of a checkpoint series are ordered by step (the last integer in the path).
+        out: Results folder (a Parquet dataset); created if missing, continued if not.
+        size, threshold, antialias, precision: As for ``inspect``.
+        batch: Images per forward pass and per Parquet file.
+        engine: ``local`` (this process) or ``ray``.
+        ray_address: Ray cluster to join (``auto`` or HOST:PORT); None starts a local Ray.
+        device: For the local engine: ``auto``, ``cpu`` or ``cuda[:N]``.
+        store: Trace cache to reuse traces from (never written: sweep traces hold no attention).
+        model_args: Extra timm constructor arguments (tests use them for tiny models).
+        max_pixels: Largest image accepted for decoding.
+        progress: Called with (pairs done, pairs to run) after each task.
+        should_stop: Polled between tasks; True stops the sweep after the tasks in flight.
+
+    Raises:
+        OptionError, UnknownModelError, WeightsError, ImageError: bad input, before any work.
+    """
+    if batch < 1:
+        raise OptionError(f"Batch must be at least 1, not {batch}.")
+    if engine not in ENGINES:
+        raise OptionError(f"Engine must be one of {', '.join(ENGINES)}, not '{engine}'.")
+    if precision not in PRECISIONS:
+        raise OptionError(f"Precision must be one of {', '.join(PRECISIONS)}, not '{precision}'.")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise OptionError(f"Results folder '{out}' is a file.")
+    for name in models:
+        resolve_spec(name)
+    config = SweepConfig(size=size, threshold=parse_threshold(threshold), antialias=antialias, precision=precision,
+                         model_args=dict(model_args or {}), max_pixels=max_pixels)
+    out = Path(out)
+    items = find_images(images, exclude=out)
+    checkpoints = find_checkpoints(weights)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks, skipped = plan_tasks(models, checkpoints, items, done_keys(out), batch)
+    started = time.perf_counter()
+    if engine == "ray":
+        from .sweep_ray import run_ray
+
+        results = run_ray(tasks, config, ray_address, store.directory if store is not None else None)
+    else:
+        results = run_local(tasks, SweepRunner(config, resolve_device(device), store))
+    computed, failed, stopped = _drain(results, out, sum(len(task.images) for task in tasks), progress, should_stop)
+    elapsed = time.perf_counter() - started
+    return SweepSummary(rows=count_rows(out), computed=computed, skipped=skipped,
+                        images_per_s=computed / elapsed if computed and elapsed > 0 else 0.0,
+                        failed=[{"image": image, "reason": reason} for image, reason in failed.items()],
+                        checkpoints=checkpoint_summaries(out, models, checkpoints), stopped=stopped)
+
+
+@contextlib.contextmanager
+def sweep_progress_bar() -> Iterator[Progress]:
+    """A ``progress`` callback drawing a tqdm bar with images/s on stderr (from its first call: no bar for bad input)."""
+    from tqdm import tqdm
+
+    bars: list[tqdm] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="img", desc="sweep", file=sys.stderr, dynamic_ncols=True))
+        bars[0].total = total
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def _drain(results: Iterator[TaskResult], out: Path, total: int, progress: Progress | None,
+           should_stop: Callable[[], bool] | None) -> tuple[int, dict[str, str], bool]:
+    """Write each task's rows as it finishes; returns (computed, failed images, stopped early)."""
+    computed, done, failed = 0, 0, {}
+    if progress:
+        progress(0, total)
+    try:
+        for result in results:
+            write_part(out, result.table)
+            computed += result.computed
+            done += result.computed + len(result.failed)
+            failed.update(dict(result.failed))
+            if progress:
+                progress(done, total)
+            if should_stop is not None and should_stop():
+                return computed, failed, True
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+    return computed, failed, False
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def find_images(pattern: str | os.PathLike, exclude: Path | None = None) -> list[ImageItem]:
+    """The files of a folder (recursive, hidden ones left out) or of a glob, named relative to the folder.
+
+    Every file is a candidate: one that is not a readable image is reported as failed, not
+    silently left out. Files under ``exclude`` (the results folder) are left out.
+
+    Raises:
+        ImageError: nothing matches.
+    """
+    text = str(pattern)
+    root = Path(text)
+    if root.is_dir():
+        paths = [path for path in root.rglob("*") if path.is_file() and not _hidden(path.relative_to(root))]
+    else:
+        root = _glob_root(text)
+        paths = [Path(match) for match in glob.glob(text, recursive=True) if Path(match).is_file()]
+    if exclude is not None:
+        excluded = exclude.resolve()
+        paths = [path for path in paths if not path.resolve().is_relative_to(excluded)]
+    if not paths:
+        raise ImageError(f"No image files found at '{text}'.")
+    return sorted({ImageItem(path.relative_to(root).as_posix(), str(path)) for path in paths}, key=lambda item: item.name)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob's wildcards start below (what ``image`` names are relative to)."""
+    parts = Path(pattern).parts
+    fixed = list(_until_magic(parts))
+    if len(fixed) == len(parts):  # no wildcard: a single file
+        return Path(*parts[:-1]) if len(parts) > 1 else Path(".")
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _until_magic(parts: Sequence[str]) -> Iterator[str]:
+    for part in parts:
+        if _GLOB_CHARS.search(part):
+            return
+        yield part
+
+
+def checkpoint_step(weights: str) -> int | None:
+    """The last integer in a weights path (``training_39999/teacher_checkpoint.pth`` -> 39999); None for none."""
+    if weights in NAMED_WEIGHTS:
+        return None
+    numbers = re.findall(r"\d+", weights)
+    return int(numbers[-1]) if numbers else None
+
+
+def find_checkpoints(weights: Sequence[str]) -> list[Checkpoint]:
+    """Expand names, files, folders and globs into checkpoints ordered by step (then path).
+
+    Raises:
+        WeightsError: a file that does not exist, or a folder or glob without weights files.
+    """
+    found: dict[str, Checkpoint] = {}
+    for entry in weights:
+        for name in _expand_weights(str(entry)):
+            found.setdefault(name, Checkpoint(name, checkpoint_step(name)))
+    named = [c for c in found.values() if c.weights in NAMED_WEIGHTS]
+    files = sorted((c for c in found.values() if c.weights not in NAMED_WEIGHTS),
+                   key=lambda c: (c.step is None, c.step or 0, c.weights))
+    return named + files
+
+
+def _expand_weights(entry: str) -> list[str]:
+    if entry in NAMED_WEIGHTS:
+        return [entry]
+    path = Path(entry)
+    if path.is_dir():
+        matches = [str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES]
+    elif _GLOB_CHARS.search(entry):
+        matches = sorted(m for m in glob.glob(entry, recursive=True) if Path(m).is_file())
+    elif path.is_file():
+        return [entry]
+    else:
+        raise WeightsError(f"Weights '{entry}' is neither hub, random, synthetic nor an existing file, folder or glob.")
+    if not matches:
+        raise WeightsError(f"No weights files match '{entry}'.")
+    return matches
+
+
+def plan_tasks(models: Sequence[str], checkpoints: Sequence[Checkpoint], images: Sequence[ImageItem],
+               done: set[tuple[str, str, str]], batch: int) -> tuple[list[Task], int]:
+    """Tasks for every (model, weights, image) not yet in ``done``; returns them and how many were skipped."""
+    tasks, skipped = [], 0
+    for model in models:
+        for checkpoint in checkpoints:
+            todo = [item for item in images if (model, checkpoint.weights, item.name) not in done]
+            skipped += len(images) - len(todo)
+            tasks += [Task(model, checkpoint, tuple(todo[i:i + batch])) for i in range(0, len(todo), batch)]
+    return tasks, skipped
+
+
+# ---------------------------------------------------------------- the results folder
+
+
+def _dataset(out: Path) -> ds.Dataset | None:
+    if not any(out.glob("*.parquet")):
+        return None
+    return ds.dataset(str(out), format="parquet", schema=SCHEMA)
+
+
+def done_keys(out: Path) -> set[tuple[str, str, str]]:
+    """(model, weights, image) triples that already have rows in ``out``."""
+    dataset = _dataset(out) if out.is_dir() else None
+    if dataset is None:
+        return set()
+    table = dataset.to_table(columns=["model", "weights", "image"])
+    return set(zip(*(table.column(name).to_pylist() for name in ("model", "weights", "image"))))
+
+
+def count_rows(out: Path) -> int:
+    dataset = _dataset(out)
+    return dataset.count_rows() if dataset is not None else 0
+
+
+def write_part(out: Path, table: pa.Table) -> None:
+    """Write one task's rows as a new Parquet file: a temporary name first, then an atomic rename."""
+    if table.num_rows == 0:
+        return
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    temporary = out / f"{_TMP_PREFIX}{name}.tmp"
+    try:
+        pq.write_table(table, str(temporary))
+        os.replace(temporary, out / name)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def checkpoint_summaries(out: Path, models: Sequence[str], checkpoints: Sequence[Checkpoint]) -> list[dict]:
+    """Per (model, weights): the first layer with any outlier and the largest outlier fraction of any row."""
+    dataset = _dataset(out)
+    columns = ["model", "weights", "layer", "num_outliers", "outlier_fraction"]
+    frame = dataset.to_table(columns=columns).to_pandas() if dataset is not None else None
+    summaries = []
+    for model in models:
+        for checkpoint in checkpoints:
+            rows = frame[(frame.model == model) & (frame.weights == checkpoint.weights)] if frame is not None else None
+            present = rows is not None and len(rows) > 0
+            with_outliers = rows.layer[rows.num_outliers > 0] if present else []
+            summaries.append({
+                "model": model, "weights": checkpoint.weights, "step": checkpoint.step,
+                "first_layer_with_outliers": int(with_outliers.min()) if len(with_outliers) else None,
+                "max_outlier_fraction": float(rows.outlier_fraction.max()) if present else None,
+            })
+    return summaries
+
+
+# ---------------------------------------------------------------- running tasks
+
+
+class SweepRunner:
+    """Runs tasks on one device: keeps the current model loaded, reads the trace cache, builds rows."""
+
+    def __init__(self, config: SweepConfig, device: torch.device, store: TraceStore | None = None) -> None:
+        self.config = config
+        self.device = device
+        self.store = store
+        self._loaded: tuple[tuple[str, str], LoadedModel] | None = None
+
+    def model(self, name: str, weights: str) -> LoadedModel:
+        """The model of this (name, weights); the previous one is dropped (tasks come grouped by pair)."""
+        if self._loaded is None or self._loaded[0] != (name, weights):
+            self._loaded = None  # free the previous model before building the next
+            self._loaded = ((name, weights), load_model(name, weights, device=self.device, model_args=self.config.model_args))
+        return self._loaded[1]
+
+    def prepare(self, task: Task) -> tuple[list[tuple[ImageItem, str, torch.Tensor]], list[tuple[str, str]]]:
+        """Decode and preprocess a task's images: ([(item, pixel digest, tensor)], [(image, reason)])."""
+        loaded = self.model(task.model, task.checkpoint.weights)
+        side = self.config.size or max(loaded.native_size)
+        input_shape((side, side), side, loaded.patch_size)  # a bad --size is bad input, not a failed image
+        ready, failed = [], []
+        for item in task.images:
+            try:
+                decoded = read_image_file(item.path, max_pixels=self.config.max_pixels)
+            except ImageError as error:
+                failed.append((item.name, str(error)))
+                continue
+            tensor = to_tensor(resize_for_model(decoded.image, side, loaded.patch_size), loaded.mean, loaded.std)
+            ready.append((item, decoded.digest, tensor))
+        return ready, failed
+
+    def run(self, task: Task, prepared: tuple[list, list] | None = None) -> TaskResult:
+        """Rows of one task (``prepared``: the output of ``prepare`` when it ran ahead)."""
+        ready, failed = prepared if prepared is not None else self.prepare(task)
+        loaded = self.model(task.model, task.checkpoint.weights)
+        traces = self._traces(loaded, ready)
+        tables = [trace_table(task, item, trace, loaded.fingerprint, self.config) for (item, _, _), trace in zip(ready, traces)]
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        return TaskResult(table=table, failed=tuple(failed), computed=len(ready))
+
+    def _traces(self, loaded: LoadedModel, ready: Sequence[tuple[ImageItem, str, torch.Tensor]]) -> list[Trace]:
+        """Cached traces where the store has them; one norms-only capture per input shape for the rest."""
+        options = self.config.options()
+        traces: list[Trace | None] = [self._cached(loaded, digest, options) for _, digest, _ in ready]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, (_, _, tensor) in enumerate(ready):
+            if traces[index] is None:
+                by_shape.setdefault(tuple(tensor.shape), []).append(index)
+        for indices in by_shape.values():
+            pixels = torch.stack([ready[i][2] for i in indices])  # [batch, 3, height, width]
+            captured = capture(loaded, pixels, antialias=self.config.antialias, precision=self.config.precision, attention=False)
+            for index, trace in zip(indices, captured):
+                traces[index] = trace
+        return traces
+
+    def _cached(self, loaded: LoadedModel, digest: str, options: CaptureOptions) -> Trace | None:
+        return self.store.get(trace_key(loaded.key, digest, options)) if self.store is not None else None
+
+
+def run_local(tasks: Sequence[Task], runner: SweepRunner) -> Iterator[TaskResult]:
+    """Tasks in order in this process; the next task's images are decoded while the current one runs
+    (when it uses the same model, so that decoding never loads a model)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitlens-sweep-decode") as pool:
+        ahead = None
+        for index, task in enumerate(tasks):
+            prepared = ahead.result() if ahead is not None else runner.prepare(task)
+            following = tasks[index + 1] if index + 1 < len(tasks) else None
+            same_pair = following is not None and (following.model, following.checkpoint) == (task.model, task.checkpoint)
+            ahead = pool.submit(runner.prepare, following) if same_pair else None
+            yield runner.run(task, prepared)
+
+
+def trace_table(task: Task, item: ImageItem, trace: Trace, fingerprint: str, config: SweepConfig) -> pa.Table:
+    """One row per block of one image's trace (norms before the final norm)."""
+    outliers = layer_outliers(trace, config.threshold)
+    layout = trace.layout
+    grid = trace.patch_norms()  # [layer, row, col]
+    num_layers = grid.shape[0]
+    flat_masks = outliers.masks.reshape(num_layers, -1)  # [layer, patch]
+    cells = [np.flatnonzero(mask).astype(np.int32) for mask in flat_masks]
+    columns = {
+        "model": [task.model] * num_layers,
+        "weights": [task.checkpoint.weights] * num_layers,
+        "step": pa.array([task.checkpoint.step] * num_layers, pa.int64()),
+        "image": [item.name] * num_layers,
+        "layer": np.arange(num_layers),
+        "num_outliers": outliers.counts.astype(np.int64),
+        "outlier_fraction": outliers.fractions.astype(np.float64),
+        "threshold": outliers.thresholds.astype(np.float64),
+        "norm_median": outliers.norm_median.astype(np.float64),
+        "norm_max": outliers.norm_max.astype(np.float64),
+        "num_layers": [num_layers] * num_layers,
+        "grid_rows": [layout.grid[0]] * num_layers,
+        "grid_cols": [layout.grid[1]] * num_layers,
+        "size": [max(trace.input_size)] * num_layers,
+        "antialias": [config.antialias] * num_layers,
+        "num_registers": [layout.num_registers] * num_layers,
+        "fingerprint": [fingerprint] * num_layers,
+        "outlier_cells": _list_array(cells),
+        "norm_hist": _list_array(list(norm_histograms(grid.reshape(num_layers, -1)))),
+        "cls_norm": trace.norms[:, layout.cls_index].astype(np.float64) if layout.cls_index is not None else np.full(num_layers, math.nan),
+        "register_norm": (trace.norms[:, layout.registers].mean(axis=1).astype(np.float64) if layout.num_registers
+                          else np.full(num_layers, math.nan)),
+    }
+    return pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
+
+
+def norm_histograms(norms: np.ndarray) -> np.ndarray:
+    """Counts of norms in the ``NORM_HIST_EDGES`` bins per layer, values outside clipped into the end bins.
+
+    Args:
+        norms: Patch-token norms.  # [layer, patch]
+
+    Returns:
+        Counts.  # [layer, bin]
+    """
+    bins = len(NORM_HIST_EDGES) - 1
+    index = np.clip(np.searchsorted(NORM_HIST_EDGES, norms, side="right") - 1, 0, bins - 1)  # [layer, patch]
+    offsets = np.arange(norms.shape[0])[:, None] * bins
+    counts = np.bincount((index + offsets).ravel(), minlength=norms.shape[0] * bins)
+    return counts.reshape(norms.shape[0], bins).astype(np.int32)
+
+
+def _list_array(values: Iterable[np.ndarray]) -> pa.ListArray:
+    values = list(values)
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
+    flat = np.concatenate(values).astype(np.int32) if values else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
