@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import save_file
 
 from vitlens.checkpoints import read_state_dict
-from vitlens.errors import WeightsError
 from vitlens.models import load_model
 
 PLAIN, REG = "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"

@@ -40,6 +40,7 @@ from .store import CaptureOptions, TraceStore, trace_key
 NORM_HIST_EDGES = np.logspace(-2, 4, 121)  # fixed log-spaced bins of patch-token norms (120 bins)
 NAMED_WEIGHTS = ("hub", "random", "synthetic")
 ENGINES = ("local", "ray")
+DECODE_THREADS = min(8, os.cpu_count() or 1)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _TMP_PREFIX = ".part-"  # dataset readers skip names starting with '.'
 
@@ -221,7 +222,7 @@ def run_sweep(
         results = run_ray(tasks, config, ray_address, store.directory if store is not None else None)
     else:
         results = run_local(tasks, SweepRunner(config, resolve_device(device), store))
-    computed, failed, stopped = _drain(results, out, sum(len(task.images) for task in tasks), progress, should_stop)
+    computed, failed, stopped = write_results(results, out, sum(len(task.images) for task in tasks), progress, should_stop)
     elapsed = time.perf_counter() - started
     return SweepSummary(rows=count_rows(out), computed=computed, skipped=skipped,
                         images_per_s=computed / elapsed if computed and elapsed > 0 else 0.0,
@@ -249,8 +250,8 @@ def sweep_progress_bar() -> Iterator[Progress]:
             bar.close()
 
 
-def _drain(results: Iterator[TaskResult], out: Path, total: int, progress: Progress | None,
-           should_stop: Callable[[], bool] | None) -> tuple[int, dict[str, str], bool]:
+def write_results(results: Iterator[TaskResult], out: Path, total: int, progress: Progress | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> tuple[int, dict[str, str], bool]:
     """Write each task's rows as it finishes; returns (computed, failed images, stopped early)."""
     computed, done, failed = 0, 0, {}
     if progress:
@@ -451,16 +452,23 @@ class SweepRunner:
         loaded = self.model(task.model, task.checkpoint.weights)
         side = self.config.size or max(loaded.native_size)
         input_shape((side, side), side, loaded.patch_size)  # a bad --size is bad input, not a failed image
+        with ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="vitlens-decode") as pool:  # PIL frees the GIL
+            outcomes = list(pool.map(lambda item: self._decode(item, side, loaded), task.images))
         ready, failed = [], []
-        for item in task.images:
-            try:
-                decoded = read_image_file(item.path, max_pixels=self.config.max_pixels)
-            except ImageError as error:
-                failed.append((item.name, str(error)))
-                continue
-            tensor = to_tensor(resize_for_model(decoded.image, side, loaded.patch_size), loaded.mean, loaded.std)
-            ready.append((item, decoded.digest, tensor))
+        for item, outcome in zip(task.images, outcomes):
+            if isinstance(outcome, str):
+                failed.append((item.name, outcome))
+            else:
+                ready.append((item, *outcome))
         return ready, failed
+
+    def _decode(self, item: ImageItem, side: int, loaded: LoadedModel) -> tuple[str, torch.Tensor] | str:
+        """(pixel digest, model input ``[3, height, width]``), or why the file is not a usable image."""
+        try:
+            decoded = read_image_file(item.path, max_pixels=self.config.max_pixels)
+        except ImageError as error:
+            return str(error)
+        return decoded.digest, to_tensor(resize_for_model(decoded.image, side, loaded.patch_size), loaded.mean, loaded.std)
 
     def run(self, task: Task, prepared: tuple[list, list] | None = None) -> TaskResult:
         """Rows of one task (``prepared``: the output of ``prepare`` when it ran ahead)."""
