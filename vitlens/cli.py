@@ -194,6 +194,7 @@ def _sweep(args: argparse.Namespace, settings: Settings) -> int:
                             batch=args.batch, engine=args.engine, ray_address=args.ray_address,
                             antialias=not args.no_antialias, precision=args.precision, device=settings.device,
                             store=TraceStore(settings.cache_dir, settings.cache_size), max_pixels=settings.max_pixels,
+                            max_image_bytes=settings.max_image_bytes,
                             progress=progress)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))

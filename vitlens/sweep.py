@@ -33,7 +33,7 @@ from .capture import PRECISIONS, Trace, capture
 from .checkpoints import WEIGHT_SUFFIXES
 from .engine import resolve_device
 from .errors import ImageError, OptionError, WeightsError
-from .images import DEFAULT_MAX_PIXELS, input_shape, read_image_file, resize_for_model, to_tensor
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, input_shape, read_image_file, resize_for_model, to_tensor
 from .models import LoadedModel, load_model, resolve_spec
 from .store import CaptureOptions, TraceStore, trace_key
 
@@ -93,6 +93,7 @@ class SweepConfig:
         precision: ``fp32``, ``bf16`` or ``fp16``.
         model_args: Extra timm constructor arguments (tests use them for tiny models).
         max_pixels: Largest image accepted for decoding.
+        max_image_bytes: Largest image file accepted (checked before reading it).
     """
 
     size: int | None = None
@@ -101,6 +102,7 @@ class SweepConfig:
     precision: str = "fp32"
     model_args: Mapping[str, object] = field(default_factory=dict)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     def options(self) -> CaptureOptions:
         return CaptureOptions(side=self.size, antialias=self.antialias, precision=self.precision)
@@ -173,6 +175,7 @@ def run_sweep(
         store: TraceStore | None = None,
         model_args: Mapping[str, object] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
 ) -> SweepSummary:
@@ -191,7 +194,7 @@ def run_sweep(
         device: For the local engine: ``auto``, ``cpu`` or ``cuda[:N]``.
         store: Trace cache to reuse traces from (never written: sweep traces hold no attention).
         model_args: Extra timm constructor arguments (tests use them for tiny models).
-        max_pixels: Largest image accepted for decoding.
+        max_pixels, max_image_bytes: Largest image (pixels, file bytes) accepted.
         progress: Called with (pairs done, pairs to run) after each task.
         should_stop: Polled between tasks; True stops the sweep after the tasks in flight.
 
@@ -209,7 +212,8 @@ def run_sweep(
     for name in models:
         resolve_spec(name)
     config = SweepConfig(size=size, threshold=parse_threshold(threshold), antialias=antialias, precision=precision,
-                         model_args=dict(model_args or {}), max_pixels=max_pixels)
+                         model_args=dict(model_args or {}), max_pixels=max_pixels,
+                         max_image_bytes=max_image_bytes)
     out = Path(out)
     items = find_images(images, exclude=out)
     checkpoints = find_checkpoints(weights)
@@ -465,7 +469,7 @@ class SweepRunner:
     def _decode(self, item: ImageItem, side: int, loaded: LoadedModel) -> tuple[str, torch.Tensor] | str:
         """(pixel digest, model input ``[3, height, width]``), or why the file is not a usable image."""
         try:
-            decoded = read_image_file(item.path, max_pixels=self.config.max_pixels)
+            decoded = read_image_file(item.path, max_pixels=self.config.max_pixels, max_bytes=self.config.max_image_bytes)
         except ImageError as error:
             return str(error)
         return decoded.digest, to_tensor(resize_for_model(decoded.image, side, loaded.patch_size), loaded.mean, loaded.std)
