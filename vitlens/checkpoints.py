@@ -17,8 +17,10 @@ Layouts understood (all read with safe loaders only: safetensors, ``torch.load(w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from .errors import WeightsError
+from .files import check_regular
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 # Searched in this order at each level: the teacher / EMA weights win over the raw ones.
@@ -35,19 +38,94 @@ _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # F
 _SUBMODELS = ("teacher.", "backbone.")  # keep only the teacher, then only its backbone (not the heads)
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # blocks.<chunk>.<global index>.<rest>
 _SAFE_GLOBALS = [argparse.Namespace]  # timm's train.py saves its arguments in every checkpoint
+DEFAULT_MAX_WEIGHTS_BYTES = 32 * 2**30  # when the architecture is not known (ViT-g in float32 is 4.5 GB)
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors format's own header limit
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                         "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, max_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES) -> dict[str, torch.Tensor]:
     """Read a checkpoint's tensors (safe loaders only) in timm or original DINOv2 key layout.
 
+    The file is checked before any loader sees it (``check_weights_file``): a device, a pipe,
+    an oversized file or a zip bomb is refused without being read.
+
+    Args:
+        path: A .safetensors/.pth/.pt file.
+        max_bytes: Most bytes the file, and the tensors it declares, may take.
+
     Raises:
-        WeightsError: missing file, unknown suffix, unreadable content, or no tensors inside.
+        WeightsError: missing or special file, unknown suffix, too large, compressed records,
+            unreadable content, or no tensors inside.
     """
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise WeightsError(f"Weights file '{path.name}' must end in {', '.join(WEIGHT_SUFFIXES)}.")
-    if not path.is_file():
-        raise WeightsError(f"Weights file '{path}' does not exist.")
+    check_weights_file(path, max_bytes)
     return normalize_keys(_unwrap(_load(path), path), path)
+
+
+def check_weights_file(path: Path, max_bytes: int) -> None:
+    """Refuse a weights file whose loading could hang or take more memory than ``max_bytes``.
+
+    A zip checkpoint (``torch.save``) must hold only stored records whose declared sizes add
+    up to at most ``max_bytes``: ``torch.save`` never compresses, while ``torch.load`` would
+    inflate a deflated record of a few MB to many GB. A safetensors header must be small and
+    declare tensors that fit in the file and in ``max_bytes``.
+
+    Raises:
+        WeightsError: not a regular file, larger than ``max_bytes``, compressed zip records,
+            declared sizes over the limit, or an inconsistent safetensors header.
+    """
+    size = check_regular(path, max_bytes, WeightsError, "Weights file")
+    if path.suffix.lower() == ".safetensors":
+        _check_safetensors_header(path, size, max_bytes)
+    elif zipfile.is_zipfile(path):
+        _check_zip_records(path, max_bytes)
+
+
+def _check_zip_records(path: Path, max_bytes: int) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise WeightsError(f"Weights file '{path.name}' is a damaged zip archive.") from error
+    if any(record.compress_type != zipfile.ZIP_STORED or record.file_size != record.compress_size for record in records):
+        raise WeightsError(f"Weights file '{path.name}' holds compressed records, which torch.save never writes and which "
+                           "could inflate far beyond the file's size; re-save it with torch.save.")
+    _check_declared(path, sum(record.file_size for record in records), max_bytes)
+
+
+def _check_safetensors_header(path: Path, size: int, max_bytes: int) -> None:
+    bad = WeightsError(f"Weights file '{path.name}' is not a valid .safetensors file (its header is inconsistent).")
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or length > min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise bad
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise bad from error
+    if not isinstance(header, dict):
+        raise bad
+    declared = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = entry["data_offsets"]
+            count = math.prod(entry["shape"]) * _SAFETENSORS_ITEMSIZE[entry["dtype"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise bad from error
+        if not 0 <= start <= end <= size - 8 - length or end - start != count:
+            raise bad
+        declared += count
+    _check_declared(path, declared, max_bytes)
+
+
+def _check_declared(path: Path, declared: int, max_bytes: int) -> None:
+    if declared > max_bytes:
+        raise WeightsError(f"Weights file '{path.name}' declares {declared / 2**20:,.0f} MiB of data, more than the "
+                           f"{max_bytes / 2**20:,.0f} MiB this architecture can need.")
 
 
 def _load(path: Path) -> Any:

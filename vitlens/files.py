@@ -31,15 +31,16 @@ def open_regular(path: str | os.PathLike, max_bytes: int, error: type[VitlensErr
         error: missing, unreadable, not a regular file, or larger than ``max_bytes``.
     """
     path = Path(path)
+    name = path.name or str(path)  # messages name the file, not the server's folders
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: a FIFO cannot hang us
     except OSError as failure:
-        raise error(f"{what} '{path}' cannot be read: {_reason(failure)}.") from failure
+        raise error(f"{what} '{name}' cannot be read: {_reason(failure)}.") from failure
     try:
         info = os.fstat(descriptor)
-        _check_kind(info, path, error, what)
+        _check_kind(info, name, error, what)
         if info.st_size > max_bytes:
-            raise error(f"{what} '{path}' is {_size(info.st_size)}, more than the limit of {_size(max_bytes)}.")
+            raise error(f"{what} '{name}' is {_size(info.st_size)}, more than the limit of {_size(max_bytes)}.")
         os.set_blocking(descriptor, True)
     except BaseException:
         os.close(descriptor)
@@ -57,7 +58,7 @@ def read_regular(path: str | os.PathLike, max_bytes: int, error: type[VitlensErr
     with os.fdopen(descriptor, "rb") as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise error(f"{what} '{path}' is more than the limit of {_size(max_bytes)}.")
+        raise error(f"{what} '{Path(path).name}' is more than the limit of {_size(max_bytes)}.")
     return data
 
 
@@ -68,7 +69,7 @@ def check_regular(path: str | os.PathLike, max_bytes: int, error: type[VitlensEr
     return size
 
 
-def _check_kind(info: os.stat_result, path: Path, error: type[VitlensError], what: str) -> None:
+def _check_kind(info: os.stat_result, name: str, error: type[VitlensError], what: str) -> None:
     if stat.S_ISREG(info.st_mode):
         return
     if stat.S_ISDIR(info.st_mode):
@@ -79,7 +80,7 @@ def _check_kind(info: os.stat_result, path: Path, error: type[VitlensError], wha
         kind = "a device"
     else:
         kind = "a special file"
-    raise error(f"{what} '{path}' is {kind}, not a regular file.")
+    raise error(f"{what} '{name}' is {kind}, not a regular file.")
 
 
 def _reason(failure: OSError) -> str:

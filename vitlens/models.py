@@ -1,11 +1,14 @@
 """Model presets and loading: Hugging Face hub, a local weights file, random weights, or the synthetic demo."""
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import hashlib
 import os
 import socket
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +24,7 @@ from .errors import HubUnavailableError, UnknownModelError, WeightsError
 from .synthetic import SYNTHETIC_SIDE, SYNTHETIC_VERSION, plant_demo
 
 RANDOM_SEED = 0
+CHECKPOINT_SLACK = 6  # a training checkpoint may hold teacher, student and two optimizer moments
 _HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
@@ -167,7 +171,7 @@ def load_model(
         label = "synthetic"
     else:
         path = Path(weights)
-        model, fingerprint = _from_file(spec, path, model_args)
+        model, fingerprint = _from_file_or_release(spec, path, model_args)
         label = path.name
     model.eval().requires_grad_(False).to(device)
     return LoadedModel(spec=spec, model=model, weights=label, fingerprint=fingerprint)
@@ -292,8 +296,57 @@ def _from_hub(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str
     return model, _hub_fingerprint(repo, cached)
 
 
+def max_checkpoint_bytes(spec: ModelSpec, model_args: Mapping[str, Any] | None = None) -> int:
+    """Most bytes a weights file for this architecture may hold: ``CHECKPOINT_SLACK`` times its
+    float32 parameters, plus 64 MiB for position embeddings at other sizes and metadata."""
+    return CHECKPOINT_SLACK * _parameter_bytes(spec.arch, tuple(sorted(dict(model_args or {}).items()))) + 64 * 2**20
+
+
+@functools.lru_cache(maxsize=32)
+def _parameter_bytes(arch: str, model_args: tuple) -> int:
+    """Float32 bytes of the architecture's tensors, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = _create(ModelSpec(arch, arch, arch), dict(model_args), pretrained=False, weight_init="skip")
+    return sum(tensor.numel() for tensor in model.state_dict().values()) * 4
+
+
+def _from_file_or_release(spec: ModelSpec, path: Path, model_args: dict) -> tuple[VisionTransformer, str]:
+    """``_from_file``; when it fails, the tensors and model it built are freed before the error goes up.
+
+    The error's traceback holds the frames that held them, so whoever keeps the error (a log
+    record, a page's state) would otherwise keep hundreds of MB per failed attempt.
+    """
+    try:
+        return _from_file(spec, path, model_args)
+    except Exception as error:  # re-raised below, after its frames let go of the tensors
+        failure = error
+    release_frames(failure)
+    raise failure
+
+
+def release_frames(error: BaseException) -> None:
+    """Clear the local variables of the finished frames behind ``error`` (and its causes), collect
+    the cycles they formed, and hand freed heap memory back to the operating system."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed small blocks in its arenas; ``malloc_trim`` returns them (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
 def _from_file(spec: ModelSpec, path: Path, model_args: dict) -> tuple[VisionTransformer, str]:
-    state_dict = read_state_dict(path)
+    state_dict = read_state_dict(path, max_checkpoint_bytes(spec, model_args))
     build_args = dict(model_args)
     if "img_size" not in build_args and (img_size := checkpoint_img_size(state_dict)) is not None:
         build_args["img_size"] = img_size  # build at the checkpoint's own grid: no resampling at load
