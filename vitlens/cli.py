@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--model", required=True, help="a preset (see `models`) or any timm ViT name")
     inspect.add_argument("--weights", default="hub", help="hub (default), random, synthetic (demo: random weights with planted outliers, not a trained model), or a .safetensors/.pth/.pt file")
     inspect.add_argument("--size", type=int, default=None, help="longer input side in pixels (default: the model's own)")
-    inspect.add_argument("--threshold", default="auto", help="outlier norm threshold: auto (default) or a number")
+    inspect.add_argument("--threshold", default="auto", help="outlier norm threshold: auto (default; see docs/outliers.md) or a number")
     inspect.add_argument("--no-antialias", action="store_true", help="resample position embeddings without antialiasing")
     inspect.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     inspect.add_argument("--save", type=Path, help="write the arrays to this .npz file")
@@ -117,6 +117,8 @@ def inspect_summary(args: argparse.Namespace, result: TraceResult, outliers: Lay
             "threshold": layer.threshold,
             "num_outliers": layer.count,
             "outliers": [list(cell) for cell in layer.cells],
+            "threshold_reason": layer.decision.reason,
+            "auto": layer.decision.to_dict(),
         })
     return {
         "model": args.model,

@@ -1,9 +1,37 @@
 """High-norm outlier tokens: per-layer thresholds, masks on the patch grid, and emergence.
 
-``auto`` looks for a separate high mode in the patch-token norms: the widest gap (in log norm)
-among the top ``MAX_OUTLIER_FRACTION`` of tokens, accepted only when it is wide compared with
-the spread of the bulk and the norms on either side differ by a clear factor. A unimodal layer
-has no such gap, so it yields no outliers rather than the few largest tokens.
+How ``auto`` decides (``decide_threshold``)
+-------------------------------------------
+Outliers are the tokens of a separate *high mode* of the patch-token norms. The question
+"is there one?" is asked of the upper tail of the bulk, in log norm, not of its spread:
+
+1. Sort the finite log norms in decreasing order, ``y_1 >= y_2 >= ... >= y_n`` (non-finite
+   norms are dropped and counted; a NaN cell is never flagged).
+2. For every candidate split ``k`` (the ``k`` largest are the high mode, ``k <= n / 2``) compare
+   two Hill estimates of the tail's scale: ``H_k``, the mean log excess of the ``k`` candidates
+   over the largest bulk token, and ``mu_k``, the same quantity read from the next ``M``
+   bulk tokens (``M ~ sqrt(n)``). Both are means of the normalised spacings
+   ``i (y_i - y_(i+1))``. If the upper tail is exponential in log norm (a Pareto / power-law
+   tail: the heaviest a unimodal norm distribution plausibly has), those spacings are
+   independent and identically distributed (Renyi), so ``H_k / mu_k`` follows an
+   ``F(2k, 2M)`` law and its upper tail gives an exact p-value per split.
+3. Take the most significant split among those that are also *visibly* a separate mode
+   (lowest candidate at least ``MIN_MEDIAN_RATIO`` x the bulk median and ``MIN_GAP_RATIO`` x
+   the largest bulk token), and accept it when its p-value is below ``ALPHA`` divided by the
+   number of candidates tested in effect (``log2 n``, measured on Pareto samples, see
+   docs/outliers.md). The threshold is the geometric mean of the two norms around the split.
+
+Why this rule: the previous one (widest gap in the top quarter against the spread of the
+*low* bulk) looked at a single gap, which is often *inside* a sparse high mode spread over
+3.5-10x the median, and measured it against a spread that says nothing about how far a bulk's
+tail reaches; it missed most 518 px images and any mode above a quarter of the tokens. The
+tail test judges the whole candidate mode (its gap *and* its height, through ``H_k``) against
+the bulk's own tail. It is exact on Pareto tails and conservative on lighter ones (normal,
+lognormal, gamma bulks, whose log tails fall faster than exponential), which is what the
+calibration table in docs/outliers.md shows (``python -m vitlens.calibrate``).
+
+Grids under ``MIN_TAIL_TOKENS`` tokens (2x2, 3x3) are too small to fit a tail: there the widest
+log gap among the top half is accepted when it is at least ``TINY_GAP_RATIO`` wide.
 """
 from __future__ import annotations
 
@@ -11,13 +39,53 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import betainc
 
 from ..capture import Trace
 from ..errors import OptionError
 
-MAX_OUTLIER_FRACTION = 0.25  # outliers are a minority (about 2% in DINOv2 ViT-g)
-MIN_GAP_SPREADS = 3.0  # the gap must be this many robust standard deviations of the bulk's log norms
-MIN_NORM_RATIO = 1.5  # smallest outlier norm / largest normal norm
+ALPHA = 0.01  # family-wise false-alarm level of the tail test on a Pareto-tailed bulk
+MIN_TAIL_TOKENS = 36  # below this many finite norms there is no tail to fit (TINY_GAP_RATIO decides)
+MIN_MEDIAN_RATIO = 2.0  # the lowest outlier is at least this many times the bulk median
+MIN_GAP_RATIO = 1.1  # ... and this many times the largest bulk norm
+TINY_GAP_RATIO = 2.5  # on tiny grids: lowest outlier / largest bulk norm
+MIN_TAIL_SCALE = 0.02  # floor on the bulk's tail scale (log norm), so a constant bulk is not infinitely tight
+TAIL_FACTOR = 2.0  # M = TAIL_FACTOR sqrt(n) bulk tokens estimate the bulk's tail scale
+
+
+@dataclass(frozen=True)
+class ThresholdDecision:
+    """Why ``auto`` drew (or did not draw) a threshold in one set of norms.
+
+    Attributes:
+        threshold: The norm above which tokens are outliers; None when there is no high mode.
+        split_low: Largest bulk norm at the best candidate split (None when there was none).
+        split_high: Smallest norm above that split.
+        count_above: Tokens above the split.
+        measure: What was tested: ``tail p-value``, ``gap ratio`` (tiny grids) or ``fixed``.
+        value: The measure at the best split.
+        needed: The value it had to beat (p-value below it, gap ratio at or above it).
+        accepted: Whether the split became the threshold.
+        dropped: Non-finite norms left out.
+        reason: One sentence saying all of this.
+    """
+
+    threshold: float | None
+    split_low: float | None
+    split_high: float | None
+    count_above: int
+    measure: str
+    value: float | None
+    needed: float | None
+    accepted: bool
+    dropped: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (``--json``)."""
+        return {"split_low": self.split_low, "split_high": self.split_high, "count_above": self.count_above,
+                "measure": self.measure, "value": self.value, "needed": self.needed, "accepted": self.accepted,
+                "dropped": self.dropped}
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,11 +94,13 @@ class OutlierResult:
 
     Attributes:
         threshold: Norm above which a patch token is an outlier; None when there is no high mode.
-        mask: True at outlier cells.  # [row, col]
+        mask: True at outlier cells (never at a NaN cell).  # [row, col]
+        decision: How the threshold was chosen.
     """
 
     threshold: float | None
     mask: np.ndarray
+    decision: ThresholdDecision | None = None
 
     @property
     def count(self) -> int:
@@ -53,14 +123,16 @@ class LayerOutliers:
     Attributes:
         thresholds: Per layer; NaN where there is no high mode.  # [layer]
         masks: Outlier cells.  # [layer, row, col]
-        norm_median: Median patch-token norm.  # [layer]
-        norm_max: Largest patch-token norm.  # [layer]
+        norm_median: Median finite patch-token norm.  # [layer]
+        norm_max: Largest finite patch-token norm.  # [layer]
+        decisions: How each layer's threshold was chosen.  # [layer]
     """
 
     thresholds: np.ndarray
     masks: np.ndarray
     norm_median: np.ndarray
     norm_max: np.ndarray
+    decisions: tuple[ThresholdDecision, ...] = ()
 
     @property
     def counts(self) -> np.ndarray:
@@ -78,7 +150,8 @@ class LayerOutliers:
 
     def layer(self, index: int) -> OutlierResult:
         threshold = self.thresholds[index]
-        return OutlierResult(None if np.isnan(threshold) else float(threshold), self.masks[index])
+        decision = self.decisions[index] if self.decisions else None
+        return OutlierResult(None if np.isnan(threshold) else float(threshold), self.masks[index], decision)
 
 
 def parse_threshold(text: str | float | None) -> float | None:
@@ -99,20 +172,110 @@ def parse_threshold(text: str | float | None) -> float | None:
 
 
 def auto_threshold(norms: np.ndarray) -> float | None:
-    """The norm separating a high mode from the bulk, or None if the norms are unimodal."""
-    log_norms = np.log(np.maximum(np.sort(norms.ravel()).astype(np.float64), 1e-12))
+    """The norm separating a high mode from the bulk, or None if there is none (see the module doc)."""
+    return decide_threshold(norms).threshold
+
+
+def decide_threshold(norms: np.ndarray) -> ThresholdDecision:
+    """``auto`` on any set of norms (one image's grid, or several pooled), with its reasons."""
+    values = np.asarray(norms, dtype=np.float64).ravel()
+    finite = values[np.isfinite(values)]
+    dropped = values.size - finite.size
+    log_norms = np.log(np.maximum(np.sort(finite)[::-1], 1e-30))  # [n], decreasing
+    if log_norms.size < 4 or log_norms[0] - log_norms[-1] < 1e-9:
+        what = "fewer than 4 finite norms" if log_norms.size < 4 else "all norms are equal"
+        return _no_split(f"no separate high mode: {what}", dropped)
+    if log_norms.size < MIN_TAIL_TOKENS:
+        return _tiny_split(log_norms, dropped)
+    return _tail_split(log_norms, dropped)
+
+
+def effective_tests(count: int) -> float:
+    """How many independent splits the scan over ``k`` is worth (Bonferroni factor), for ``count`` norms."""
+    return max(1.0, math.log2(count))
+
+
+def _tail_size(count: int) -> int:
+    """``M``: bulk tokens whose spacings estimate the bulk's tail scale."""
+    return int(np.clip(round(TAIL_FACTOR * math.sqrt(count)), 4, 200))
+
+
+def _tail_split(log_norms: np.ndarray, dropped: int) -> ThresholdDecision:
     count = log_norms.size
-    first_candidate = max(1, math.ceil(count * (1 - MAX_OUTLIER_FRACTION)))
-    if first_candidate >= count:
-        return None
-    gaps = np.diff(log_norms)[first_candidate - 1:]  # gap below each candidate outlier
-    best = int(np.argmax(gaps))
-    split = first_candidate + best  # index of the smallest outlier
-    bulk = log_norms[:first_candidate]
-    spread = 1.4826 * np.median(np.abs(bulk - np.median(bulk)))
-    if gaps[best] < max(MIN_GAP_SPREADS * spread, math.log(MIN_NORM_RATIO)):
-        return None
-    return float(math.exp((log_norms[split - 1] + log_norms[split]) / 2))
+    tail = _tail_size(count)
+    k = np.arange(1, min(count // 2, count - tail - 1) + 1)  # [K] candidate sizes
+    bulk_median = _bulk_medians(log_norms, k)
+    gaps = log_norms[k - 1] - log_norms[k]
+    visible = (gaps >= math.log(MIN_GAP_RATIO)) & (log_norms[k - 1] - bulk_median >= math.log(MIN_MEDIAN_RATIO))
+    needed = ALPHA / effective_tests(count)
+    if not visible.any():
+        best = int(np.argmax(gaps))
+        return _tail_decision(log_norms, int(k[best]), None, needed, False, float(bulk_median[best]), dropped)
+    k, bulk_median, gaps = k[visible], bulk_median[visible], gaps[visible]
+    ranks = k[:, None] + np.arange(1, tail + 1)  # [K, M]
+    spacings = ranks * (log_norms[ranks - 1] - log_norms[ranks])  # D_i = i (y_i - y_(i+1)) of the bulk's top M
+    scale = np.maximum(spacings.mean(axis=1), MIN_TAIL_SCALE)  # mu_k: Hill estimate of the tail scale
+    height = (log_norms[:count // 2 + 1].cumsum()[k - 1] / k - log_norms[k]) / scale  # H_k / mu_k ~ F(2k, 2M)
+    gap = k * gaps / scale  # D_k / mu_k ~ F(2, 2M)
+    p_values = 2 * np.minimum(betainc(tail, k, tail / (tail + k * height)), (1 + gap / tail) ** -tail)
+    passed = p_values < needed
+    if passed.any():  # the clearest gap among the significant splits, against a robust bulk scale
+        robust = np.maximum(np.median(spacings, axis=1) / math.log(2), MIN_TAIL_SCALE)
+        best = int(np.argmax(np.where(passed, k * gaps / robust, -np.inf)))
+    else:
+        best = int(np.argmin(p_values))
+    return _tail_decision(log_norms, int(k[best]), float(p_values[best]), needed, True, float(bulk_median[best]),
+                          dropped)
+
+
+def _bulk_medians(log_norms: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Median of ``log_norms[k:]`` for each ``k`` (decreasing input), vectorised."""
+    remaining = log_norms.size - k  # bulk sizes
+    upper = log_norms[k + (remaining - 1) // 2]
+    lower = log_norms[k + remaining // 2]
+    return (upper + lower) / 2
+
+
+def _tail_decision(log_norms: np.ndarray, k: int, p_value: float | None, needed: float, visible: bool,
+                   bulk_median: float, dropped: int) -> ThresholdDecision:
+    low, high = math.exp(log_norms[k]), math.exp(log_norms[k - 1])
+    accepted = visible and p_value < needed
+    split = f"gap {high / low:.2f}x between {low:.4g} and {high:.4g}, {k} token{'s' * (k > 1)} above"
+    test = f"bulk-tail p-value {p_value:.1g} (needs < {needed:.1g})" if visible else ""
+    if accepted:
+        reason = f"{split} at {high / math.exp(bulk_median):.1f}x the bulk median; {test}"
+    elif not visible:
+        reason = (f"no separate high mode: the widest gap, {split}, is not a visible mode (needs {MIN_GAP_RATIO:g}x and "
+                  f"{MIN_MEDIAN_RATIO:g}x the bulk median; has {high / math.exp(bulk_median):.2f}x)")
+    else:
+        reason = f"no separate high mode: {split}; the bulk's own tail explains them: {test}"
+    return ThresholdDecision(math.sqrt(low * high) if accepted else None, low, high, k, "tail p-value", p_value,
+                             needed, accepted, dropped, reason)
+
+
+def _tiny_split(log_norms: np.ndarray, dropped: int) -> ThresholdDecision:
+    """Few tokens: the widest log gap among the top half, accepted when at least ``TINY_GAP_RATIO``."""
+    half = log_norms.size // 2
+    gaps = log_norms[:half] - log_norms[1:half + 1]  # gap below each of the top half
+    k = int(np.argmax(gaps)) + 1
+    low, high = math.exp(log_norms[k]), math.exp(log_norms[k - 1])
+    accepted = high / low >= TINY_GAP_RATIO
+    split = f"gap {high / low:.2f}x between {low:.4g} and {high:.4g}; {k} token{'s' * (k > 1)} above"
+    rule = f"{log_norms.size} tokens are too few to fit a tail: the gap must be at least {TINY_GAP_RATIO:g}x"
+    reason = f"{split} ({rule})" if accepted else f"no separate high mode: {split} ({rule})"
+    return ThresholdDecision(math.sqrt(low * high) if accepted else None, low, high, k, "gap ratio", high / low,
+                             TINY_GAP_RATIO, accepted, dropped, reason)
+
+
+def _no_split(reason: str, dropped: int) -> ThresholdDecision:
+    return ThresholdDecision(None, None, None, 0, "none", None, None, False, dropped, reason)
+
+
+def fixed_decision(threshold: float, norms: np.ndarray) -> ThresholdDecision:
+    """The record of a threshold the user fixed."""
+    dropped = int((~np.isfinite(norms)).sum())
+    return ThresholdDecision(threshold, None, None, int((norms > threshold).sum()), "fixed", None, None, True, dropped,
+                             f"fixed threshold {threshold:g} (not auto)")
 
 
 def find_outliers(patch_norms: np.ndarray, threshold: float | None = None) -> OutlierResult:
@@ -122,19 +285,31 @@ def find_outliers(patch_norms: np.ndarray, threshold: float | None = None) -> Ou
         patch_norms: One layer's patch-token norms.  # [row, col]
         threshold: A fixed norm, or None for ``auto``.
     """
-    if threshold is None:
-        threshold = auto_threshold(patch_norms)
-    mask = patch_norms > threshold if threshold is not None else np.zeros(patch_norms.shape, dtype=bool)
-    return OutlierResult(threshold, mask)
+    decision = fixed_decision(threshold, patch_norms) if threshold is not None else decide_threshold(patch_norms)
+    cut = decision.threshold
+    mask = patch_norms > cut if cut is not None else np.zeros(patch_norms.shape, dtype=bool)  # NaN > cut is False
+    return OutlierResult(cut, mask, decision)
 
 
 def layer_outliers(trace: Trace, threshold: float | None = None) -> LayerOutliers:
     """Outliers of every layer (norms before the final norm); ``threshold`` None means ``auto``."""
     grids = trace.patch_norms()  # [layer, row, col]
     results = [find_outliers(grid, threshold) for grid in grids]
+    finite = np.where(np.isfinite(grids), grids, np.nan)
     return LayerOutliers(
         thresholds=np.array([np.nan if r.threshold is None else r.threshold for r in results], dtype=np.float32),
         masks=np.stack([r.mask for r in results]),
-        norm_median=np.median(grids, axis=(1, 2)).astype(np.float32),
-        norm_max=grids.max(axis=(1, 2)).astype(np.float32),
+        norm_median=_nan_reduce(np.nanmedian, finite),
+        norm_max=_nan_reduce(np.nanmax, finite),
+        decisions=tuple(r.decision for r in results),
     )
+
+
+def _nan_reduce(reduce, grids: np.ndarray) -> np.ndarray:
+    """``reduce`` over each layer's finite norms; NaN for a layer with none.  # [layer]"""
+    flat = grids.reshape(grids.shape[0], -1)
+    has = np.isfinite(flat).any(axis=1)
+    out = np.full(flat.shape[0], np.nan, dtype=np.float32)
+    if has.any():
+        out[has] = reduce(flat[has], axis=1)
+    return out
