@@ -202,6 +202,7 @@ def load_detector(spec: str) -> Callable[[np.ndarray], float | None]:
     path, _, name = spec.rpartition(":")
     module_spec = importlib.util.spec_from_file_location("calibrated_detector", path)
     module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses look their module up there
     module_spec.loader.exec_module(module)
     return getattr(module, name)
 
