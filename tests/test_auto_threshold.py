@@ -159,11 +159,18 @@ def test_a_detector_that_flags_everything_fails_the_calibration():
 
 
 @pytest.mark.slow
-def test_calibration_benchmark_meets_the_targets_where_the_docs_say_so():
-    """A reduced docs/outliers.md table: the families and grids it reports as met."""
-    argv = ["--draws", "100", "--grids", "37x37", "74x74", "--families", "uniform_bulk", "lognormal_5_10x",
-            "sparse_mode", "normal", "lognormal", "gamma", "pareto3", "abs_t3", "pooled_lognormal"]
-    assert calibrate.main(argv) == 0
+@pytest.mark.parametrize("grid", [(37, 37), (74, 74)])
+def test_calibration_benchmark(grid):
+    """A reduced docs/outliers.md table (100 draws a cell): the targets it reports as met, and the
+    small share of draws where an extreme bulk token (a lognormal bulk's z > 4 tail) is flagged too."""
+    for family in FAMILIES:
+        if family.name in ("quarter_to_half", "sparse_mode_between"):
+            continue  # small grids only / below target (see docs/outliers.md)
+        cell = calibrate.run_cell(family, grid, draws=100, seed=1)
+        if family.positive:
+            assert cell.found >= 0.99 and cell.recovered >= 0.99 and cell.bulk_flagged <= 0.03, cell
+        else:
+            assert cell.passed, cell
 
 
 def test_detector_is_fast_at_74x74():

@@ -18,8 +18,9 @@ is why reading `get_intermediate_layers(norm=True)` shows none. The register mod
 
 **Norm histogram.** Outliers are the tokens in a separate **high mode** of a bimodal norm distribution: for
 DINOv2 ViT-g the cut is about 150 and takes about 2% of tokens; for OpenCLIP ViT-B/16 it is about 30. The cut
-is model-specific, so *auto* looks for the widest gap at the top of the distribution and finds none when the
-norms are unimodal (as with registers, or with random weights). Click a bar to move the threshold there.
+is model-specific, so *auto* tests each candidate high mode against the bulk's own upper tail and finds none
+when the norms are unimodal (as with registers, or with random weights); the caption says why for every
+model (see docs/outliers.md). Click a bar to move the threshold there.
 
 **Layer emergence.** Outliers appear in the **middle layers** (ViT-g: around layer 15 of 40) and stay; they
 appear after about a third of training and mostly in ViT-L and larger; ViT-B shows weaker ones, often in the
