@@ -209,15 +209,21 @@ class NormHistogram:
     Attributes:
         label: Model label.
         norms: Patch-token norms of the chosen layers and images.  # [token]
-        threshold: Outlier threshold, or None when there is no high mode.
+        threshold: Outlier threshold, or None when there is no high mode (or one per image).
+        reason: How the threshold was chosen, in one sentence.
+        flagged: Outliers when each image had its own threshold (None: ``threshold`` decides).
     """
 
     label: str
     norms: np.ndarray
     threshold: float | None
+    reason: str = ""
+    flagged: int | None = None
 
     @property
     def count(self) -> int:
+        if self.flagged is not None:
+            return self.flagged
         return 0 if self.threshold is None else int((self.norms > self.threshold).sum())
 
     @property

@@ -77,26 +77,46 @@ class HistogramView:
     table: Table
 
 
-def histogram(request: Request, layers: Sequence[int], post_norm: bool, threshold: float | None) -> HistogramView:
+def histogram(request: Request, layers: Sequence[int], post_norm: bool, threshold: float | None,
+              per_image: bool = False) -> HistogramView:
     """Patch-token norms of the chosen layers over all chosen images, pooled per model.
 
-    ``auto`` finds the threshold on the pooled norms of each model.
+    ``auto`` finds the threshold on the pooled norms of each model or, with ``per_image``, on each
+    image's own grid of each layer (the counts add up). After the final norm it is always ``auto``.
     """
     result = captured(request)
     histograms, rows = [], []
     for run in result.runs:
-        pooled = []
-        for trace in run.traces:
-            grids = trace.patch_norms(post_norm=True)[None] if post_norm else trace.patch_norms()[[check_layer(l, trace.num_layers) for l in layers]]
-            pooled.append(grids.ravel())
-        norms = np.concatenate(pooled)
-        cut = find_outliers(norms[None], None if post_norm else threshold).threshold
-        hist = NormHistogram(label=run.short, norms=norms, threshold=cut)
+        grids = [trace.patch_norms(post_norm=True)[None] if post_norm
+                 else trace.patch_norms()[[check_layer(l, trace.num_layers) for l in layers]] for trace in run.traces]
+        cut = None if post_norm else threshold
+        hist = _per_image_histogram(run.short, grids, cut) if per_image else _pooled_histogram(run.short, grids, cut)
         histograms.append(hist)
-        rows.append([run.choice.name, run.weights, "post" if post_norm else " ".join(map(str, layers)), norms.size,
-                     cut, hist.count, hist.fraction, float(np.median(norms)), float(norms.max())])
-    table = Table(["model", "weights", "layers", "tokens", "threshold", "outliers", "fraction", "median", "max"], rows)
+        rows.append([run.choice.name, run.weights, "post" if post_norm else " ".join(map(str, layers)), hist.norms.size,
+                     hist.threshold, hist.count, hist.fraction, float(np.median(hist.norms)), float(hist.norms.max()),
+                     hist.reason])
+    table = Table(["model", "weights", "layers", "tokens", "threshold", "outliers", "fraction", "median", "max", "decision"],
+                  rows)
     return HistogramView(histograms=histograms, table=table)
+
+
+def _pooled_histogram(label: str, grids: list[np.ndarray], threshold: float | None) -> NormHistogram:
+    """One threshold for every image's norms (``grids``: per image, [layer, row, col])."""
+    norms = np.concatenate([grid.ravel() for grid in grids])
+    found = find_outliers(norms[None], threshold)
+    return NormHistogram(label=label, norms=norms, threshold=found.threshold, reason=found.decision.reason)
+
+
+def _per_image_histogram(label: str, grids: list[np.ndarray], threshold: float | None) -> NormHistogram:
+    """Each image's grid of each layer thresholded on its own; the outliers add up."""
+    found = [find_outliers(layer_grid, threshold) for grid in grids for layer_grid in grid]
+    cuts = [f.threshold for f in found if f.threshold is not None]
+    flagged = sum(f.count for f in found)
+    span = f" (thresholds {min(cuts):.4g} to {max(cuts):.4g})" if cuts else ""
+    reason = (f"each image's grid thresholded on its own: {len(cuts)} of {len(found)} have a separate high mode"
+              f"{span}; {flagged} outliers in all")
+    norms = np.concatenate([grid.ravel() for grid in grids])
+    return NormHistogram(label=label, norms=norms, threshold=None, reason=reason, flagged=flagged)
 
 
 def histogram_values(request: Request, layers: Sequence[int], post_norm: bool) -> Table:

@@ -162,6 +162,22 @@ def test_npz_download_holds_the_cli_arrays_of_every_model_and_image(weights_dir)
     assert not arrays["m1_i0_outliers"].any()
 
 
+def test_histogram_says_why_and_thresholds_each_image_separately(weights_dir):
+    at = _planted_app(weights_dir)
+    at.switch_page("views/histogram.py").run()
+    _ok(at)
+    reasons = [c.value for c in at.caption if c.value.startswith("**")]
+    assert len(reasons) == 2  # one sentence per model, under the chart
+    assert "3 tokens above" in reasons[0] and "bulk-tail p-value" in reasons[0]
+    assert "no separate high mode" in reasons[1]
+    at.multiselect(key="extra_layers").set_value([5]).run()
+    at.toggle(key="per_image_threshold").set_value(True).run()
+    _ok(at)
+    assert [m.value for m in at.metric] == ["6 outliers", "0 outliers"]  # 3 per layer grid, added up
+    reasons = [c.value for c in at.caption if c.value.startswith("**")]
+    assert "2 of 2 have a separate high mode" in reasons[0] and "6 outliers in all" in reasons[0]
+
+
 def test_histogram_counts_follow_the_threshold(weights_dir):
     at = _planted_app(weights_dir)
     at.switch_page("views/histogram.py").run()

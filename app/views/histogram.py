@@ -23,7 +23,7 @@ result = ui.fetch(data.captured, request)
 ui.notes(result)
 
 st.session_state.setdefault("log_y", True)
-controls = st.columns([4, 3, 2, 2])
+controls = st.columns([4, 3, 2, 2, 2])
 with controls[0]:
     layer = ui.layer_slider(result.num_layers)
 with controls[1]:
@@ -34,9 +34,12 @@ with controls[2]:
     post_norm = st.toggle("Post-final-norm", key="post_norm")
 with controls[3]:
     log_y = st.toggle("Log-scale counts", key="log_y")
+with controls[4]:
+    per_image = st.toggle("Threshold each image separately", key="per_image_threshold",
+                          help="Each image's own auto threshold (per layer) instead of one for the pooled norms.")
 layers = sorted({layer, *extra})
 
-view = ui.fetch(image_data.histogram, request, layers, post_norm, ui.threshold())
+view = ui.fetch(image_data.histogram, request, layers, post_norm, ui.threshold(), per_image)
 for column, hist in zip(st.columns(len(view.histograms)), view.histograms):
     column.metric(hist.label, f"{hist.count} outliers", f"{hist.fraction:.2%} of {hist.norms.size} tokens",
                   delta_color="off", delta_arrow="off")
@@ -48,9 +51,12 @@ elif len(layers) == 1:
     where = f"at layer {layers[0]}"
 else:
     where = f"pooled over layers {', '.join(map(str, layers[:-1]))} and {layers[-1]}"
-mode = "auto (widest gap in the top quarter of the pooled norms)" if ui.threshold() is None or post_norm else f"fixed at {ui.threshold():g}"
+pooled = "each image's own norms" if per_image else "the pooled norms"
+mode = f"auto (a high mode of {pooled}, tested against the bulk's own tail)" if ui.threshold() is None or post_norm else f"fixed at {ui.threshold():g}"
 st.caption(f"Patch-token norms {where}; threshold {mode}. Each model's bars are translucent with an outline of "
            "its colour. Click a bar to move the threshold to its lower edge, or edit it in the sidebar.")
+for hist in view.histograms:
+    st.caption(f"**{hist.label}**: {hist.reason}")
 
 downloads = st.columns(3)
 with downloads[0]:
