@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("model")
     fetch.set_defaults(run=_fetch)
 
+    lost = commands.add_parser("lost", help="LOST object discovery and corLoc on a Pascal-VOC-style folder")
+    lost.add_argument("--voc", required=True, type=Path, help="folder with JPEGImages/ and Annotations/ (VOC XML)")
+    lost.add_argument("--model", required=True, help="a preset (see `models`) or any timm ViT name")
+    lost.add_argument("--weights", default="hub", help="hub (default), random, synthetic, or a .safetensors/.pth/.pt file")
+    lost.add_argument("--size", type=int, default=None, help="longer input side in pixels (default: each image's own, as LOST)")
+    lost.add_argument("--layer", type=int, default=-1, help="block whose attention features are used (default: the last)")
+    lost.add_argument("--features", choices=("k", "q", "v"), default="k", help="keys (default), queries or values")
+    lost.add_argument("--k", type=int, default=100, help="lowest-degree patches considered in the seed expansion (default 100)")
+    lost.add_argument("--no-difficult", action="store_true", help="drop ground-truth boxes flagged difficult")
+    lost.add_argument("--no-antialias", action="store_true", help="resample position embeddings without antialiasing")
+    lost.add_argument("--out", type=Path, help="write the per-image boxes to this .json or .csv file")
+    lost.add_argument("--json", action="store_true", help="print the JSON document")
+    lost.set_defaults(run=_lost)
+
     worker = commands.add_parser("worker", help="run capture jobs from the shared queue (hosted mode; owns the GPU)")
     worker.add_argument("--device", default=None, help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: VITLENS_DEVICE)")
     worker.add_argument("--max-models", type=int, default=None, help="models kept loaded (default: VITLENS_WORKER_MAX_MODELS)")
@@ -247,3 +261,9 @@ def _fetch(args: argparse.Namespace, settings: Settings) -> int:
     loaded = load_model(args.model, "hub")
     print(f"{args.model}: weights in the Hugging Face cache ({loaded.fingerprint})")
     return 0
+
+
+def _lost(args: argparse.Namespace, settings: Settings) -> int:
+    from .evidence_cli import run_lost
+
+    return run_lost(args, settings)

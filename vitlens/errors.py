@@ -27,3 +27,7 @@ class OptionError(VitlensError):
 
 class StorageError(VitlensError):
     """The job queue or trace cache on disk is damaged, missing or busy (rebuilt where possible)."""
+
+
+class DataError(VitlensError):
+    """A data set cannot answer the question asked (wrong folder layout, too few classes or outliers)."""
