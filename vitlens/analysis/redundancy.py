@@ -1,0 +1,70 @@
+"""Neighbour redundancy (paper Fig. 5a): outliers sit where neighbouring patch embeddings are alike.
+
+Capture records, for every patch, the mean cosine similarity of its patch embedding (before the
+position embedding) to its 4 neighbours. This compares that similarity at outlier cells (of a
+chosen layer) with the other cells, over many images, and measures the separation by the AUROC:
+the probability that a random outlier cell is more redundant than a random normal cell (0.5: no
+separation, 1: every outlier above every normal cell).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+@dataclass(frozen=True, eq=False)
+class RedundancyResult:
+    """Neighbour similarity of outlier and normal patch cells.
+
+    Attributes:
+        outlier: Similarity at every outlier cell of every image.  # [outlier cell]
+        normal: Similarity at every other cell.  # [normal cell]
+        auroc: Separation of the two; None when either group is empty.
+        num_images: Images pooled.
+    """
+
+    outlier: np.ndarray
+    normal: np.ndarray
+    auroc: float | None
+    num_images: int
+
+    def summary(self) -> dict:
+        """Counts, means and AUROC as plain numbers (the CLI's JSON)."""
+        def mean(values: np.ndarray) -> float | None:
+            return float(values.mean()) if values.size else None
+        return {"num_images": self.num_images, "num_outlier": int(self.outlier.size), "num_normal": int(self.normal.size),
+                "outlier_mean": mean(self.outlier), "normal_mean": mean(self.normal), "auroc": self.auroc}
+
+
+def redundancy(similarities: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> RedundancyResult:
+    """Pool neighbour similarity by outlier status over images (grids may differ between images).
+
+    Args:
+        similarities: Per image, neighbour similarity per cell.  # each [row, col]
+        masks: Per image, True at outlier cells of the chosen layer.  # each [row, col]
+
+    Raises:
+        ValueError: different numbers of images, or a mask whose shape differs from its similarity map.
+    """
+    if len(similarities) != len(masks):
+        raise ValueError(f"{len(similarities)} similarity maps but {len(masks)} masks")
+    outlier, normal = [], []
+    for similarity, mask in zip(similarities, masks):
+        if similarity.shape != mask.shape:
+            raise ValueError(f"similarity {similarity.shape} and mask {mask.shape} differ")
+        outlier.append(similarity[mask].ravel())
+        normal.append(similarity[~mask].ravel())
+    outlier_values = np.concatenate(outlier) if outlier else np.zeros(0)
+    normal_values = np.concatenate(normal) if normal else np.zeros(0)
+    return RedundancyResult(outlier_values, normal_values, auroc(outlier_values, normal_values), len(similarities))
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``positive`` scored above ``negative``; None if either is empty."""
+    if not positive.size or not negative.size:
+        return None
+    labels = np.concatenate([np.ones(positive.size), np.zeros(negative.size)])
+    return float(roc_auc_score(labels, np.concatenate([positive, negative])))
