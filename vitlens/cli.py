@@ -87,7 +87,19 @@ def _parser() -> argparse.ArgumentParser:
     lost.add_argument("--no-antialias", action="store_true", help="resample position embeddings without antialiasing")
     lost.add_argument("--out", type=Path, help="write the per-image boxes to this .json or .csv file")
     lost.add_argument("--json", action="store_true", help="print the JSON document")
-    lost.set_defaults(run=_lost)
+    lost.set_defaults(run=_evidence("run_lost"))
+
+    redundancy = commands.add_parser("redundancy", help="neighbour similarity of outlier vs normal patches (paper Fig. 5a)")
+    _evidence_args(redundancy, "IMAGES: a folder (searched recursively) or one image")
+    redundancy.set_defaults(run=_evidence("run_redundancy"))
+
+    probes = commands.add_parser("probes", help="linear probes of position and pixels on outlier vs normal patch tokens (paper Table 1, left)")
+    _evidence_args(probes, "IMAGES: a folder (searched recursively); square centre crops are used")
+    probes.set_defaults(run=_evidence("run_probes"))
+
+    global_probes = commands.add_parser("global-probes", help="class prediction from CLS, a normal and an outlier patch token (paper Table 1, right)")
+    _evidence_args(global_probes, "IMAGES: an ImageFolder-style dataset, one subfolder of images per class")
+    global_probes.set_defaults(run=_evidence("run_global_probes"))
 
     worker = commands.add_parser("worker", help="run capture jobs from the shared queue (hosted mode; owns the GPU)")
     worker.add_argument("--device", default=None, help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: VITLENS_DEVICE)")
@@ -98,6 +110,26 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs (default: run until SIGTERM)")
     worker.set_defaults(run=_worker)
     return parser
+
+
+def _evidence_args(parser: argparse.ArgumentParser, images_help: str) -> None:
+    parser.add_argument("images", type=Path, help=images_help)
+    parser.add_argument("--model", required=True, help="a preset (see `models`) or any timm ViT name")
+    parser.add_argument("--weights", default="hub", help="hub (default), random, synthetic, or a .safetensors/.pth/.pt file")
+    parser.add_argument("--layer", type=int, default=-1, help="block whose outliers (and tokens) are used (default: the last)")
+    parser.add_argument("--threshold", default="auto", help="outlier norm threshold: auto (default) or a number")
+    parser.add_argument("--size", type=int, default=None, help="longer input side in pixels (default: the model's own)")
+    parser.add_argument("--out", type=Path, help="write the table to this .csv or .json file")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _evidence(name: str):
+    """The body ``name`` of vitlens.evidence_cli, imported when the command runs."""
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from . import evidence_cli
+
+        return getattr(evidence_cli, name)(args, settings)
+    return run
 
 
 def _inspect(args: argparse.Namespace, settings: Settings) -> int:
@@ -261,9 +293,3 @@ def _fetch(args: argparse.Namespace, settings: Settings) -> int:
     loaded = load_model(args.model, "hub")
     print(f"{args.model}: weights in the Hugging Face cache ({loaded.fingerprint})")
     return 0
-
-
-def _lost(args: argparse.Namespace, settings: Settings) -> int:
-    from .evidence_cli import run_lost
-
-    return run_lost(args, settings)

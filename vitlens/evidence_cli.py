@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .engine import resolve_device
-from .errors import OptionError
+from .analysis.outliers import parse_threshold
+from .engine import Engine, resolve_device
+from .errors import DataError, OptionError
+from .evidence import (REFERENCES, EvidenceOptions, find_images, global_probe_run, image_classes, local_probe_run,
+                       redundancy_run)
 from .models import load_model
 from .settings import Settings
+from .store import CaptureOptions, TraceStore
 
 
 def run_lost(args: argparse.Namespace, settings: Settings) -> int:
@@ -65,3 +69,84 @@ def _write_csv(handle, rows: Sequence[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({key: json.dumps(value) if isinstance(value, (list, dict)) else value for key, value in row.items()})
+
+
+def _setup(args: argparse.Namespace, settings: Settings) -> tuple[Engine, EvidenceOptions, dict]:
+    """The engine, the options and the document head (model, weights fingerprint, options)."""
+    settings.check_side(args.size)
+    options = EvidenceOptions(layer=args.layer, threshold=parse_threshold(args.threshold),
+                              capture=CaptureOptions(side=args.size), max_pixels=settings.max_pixels)
+    engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
+    loaded = engine.model(args.model, args.weights)
+    head = {"model": args.model, "weights": str(args.weights), "fingerprint": loaded.fingerprint,
+            "images_from": str(args.images), "size": args.size or max(loaded.native_size),
+            "threshold": args.threshold}
+    return engine, options, head
+
+
+def _finish(args: argparse.Namespace, document: dict, rows: Sequence[dict], text: str) -> int:
+    if args.out:
+        write_rows(args.out, rows, document)
+    print(json.dumps(document, indent=2) if args.json else text)
+    return 0
+
+
+def _no_outliers(layer: int, count: int, threshold: str) -> DataError:
+    return DataError(f"No outlier tokens at layer {layer} in {count} images (threshold {threshold}); "
+                     "try another --layer or --threshold, or a model that has artifacts.")
+
+
+def run_redundancy(args: argparse.Namespace, settings: Settings) -> int:
+    """``python -m vitlens redundancy``: neighbour similarity at outlier vs normal cells."""
+    paths = find_images(args.images)
+    engine, options, head = _setup(args, settings)
+    run = redundancy_run(engine, paths, args.model, args.weights, options)
+    result = run.result
+    if not result.outlier.size:
+        raise _no_outliers(run.layer, len(run.images), args.threshold)
+    document = {**head, "layer": run.layer, **result.summary(), "failed": [vars(f) for f in run.failed]}
+    rows = [{"group": group, "similarity": float(value)}
+            for group, values in (("outlier", result.outlier), ("normal", result.normal)) for value in values]
+    text = (f"layer {run.layer}: neighbour similarity {result.summary()['outlier_mean']:.3f} at {result.outlier.size} outlier "
+            f"cells vs {result.summary()['normal_mean']:.3f} at {result.normal.size} normal cells; AUROC {result.auroc:.3f} "
+            f"({len(run.images)} images, {len(run.failed)} unreadable)")
+    return _finish(args, document, rows, text)
+
+
+def run_probes(args: argparse.Namespace, settings: Settings) -> int:
+    """``python -m vitlens probes``: position and pixel probes on outlier vs normal patch tokens."""
+    paths = find_images(args.images)
+    engine, options, head = _setup(args, settings)
+    run = local_probe_run(engine, paths, args.model, args.weights, options)
+    result = run.result
+    if not result.outlier.count:
+        raise _no_outliers(run.layer, len(run.images), args.threshold)
+    document = {**head, "layer": run.layer, **result.summary(), "reference": REFERENCES,
+                "failed": [vars(f) for f in run.failed]}
+    rows = [{"group": group, **vars(score)} for group, score in (("normal", result.normal), ("outlier", result.outlier))]
+    text = "\n".join([f"layer {run.layer}, grid {list(result.grid)}: {result.num_train_images} train / {result.num_test_images} test images"]
+                     + [_local_line(row) for row in rows])
+    return _finish(args, document, rows, text)
+
+
+def _local_line(row: dict) -> str:
+    def number(value, digits=3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+    return (f"  {row['group']:<8} tokens {row['count']:>7}  position accuracy {number(row['position_accuracy'])}  "
+            f"distance {number(row['position_distance'], 2)}  pixel MSE {number(row['pixel_error'])}")
+
+
+def run_global_probes(args: argparse.Namespace, settings: Settings) -> int:
+    """``python -m vitlens global-probes``: class prediction from CLS, a normal and an outlier patch token."""
+    image_classes(args.images)  # a folder without classes fails before the model loads
+    engine, options, head = _setup(args, settings)
+    run = global_probe_run(engine, args.images, args.model, args.weights, options)
+    result = run.result
+    document = {**head, "layer": run.layer, **result.summary(), "reference": REFERENCES["global_accuracy_imagenet"],
+                "failed": [vars(f) for f in run.failed]}
+    rows = [{"token": kind, **vars(score)} for kind, score in result.scores.items()]
+    lines = [f"layer {run.layer}: {len(result.classes)} classes, {len(run.images)} images"]
+    for row in rows:
+        outcome = f"accuracy {row['accuracy']:.3f}" if row["accuracy"] is not None else f"not run: {row['reason']}"
+        lines.append(f"  {row['token']:<8} {outcome} ({row['num_train']} train / {row['num_test']} test images)")
+    return _finish(args, document, rows, "\n".join(lines))
