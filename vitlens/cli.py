@@ -101,6 +101,19 @@ def _parser() -> argparse.ArgumentParser:
     _evidence_args(global_probes, "IMAGES: an ImageFolder-style dataset, one subfolder of images per class")
     global_probes.set_defaults(run=_evidence("run_global_probes"))
 
+    report = commands.add_parser("report", help="one self-contained HTML report: norms, redundancy, probes, LOST")
+    report.add_argument("--model", required=True, help="a preset (see `models`) or any timm ViT name")
+    report.add_argument("--weights", default="hub", help="hub (default), random, synthetic, or a .safetensors/.pth/.pt file")
+    report.add_argument("--images", required=True, type=Path,
+                        help="a folder of images (an ImageFolder adds global probes, a VOC folder adds corLoc)")
+    report.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file (default report.html)")
+    report.add_argument("--layer", type=int, default=-1, help="block whose outliers and tokens are used (default: the last)")
+    report.add_argument("--threshold", default="auto", help="outlier norm threshold: auto (default) or a number")
+    report.add_argument("--size", type=int, default=None, help="longer input side in pixels (default: the model's own)")
+    report.add_argument("--features", choices=("k", "q", "v"), default="k", help="LOST features (default keys)")
+    report.add_argument("--k", type=int, default=100, help="LOST seed-expansion size (default 100)")
+    report.set_defaults(run=_evidence("run_report"))
+
     worker = commands.add_parser("worker", help="run capture jobs from the shared queue (hosted mode; owns the GPU)")
     worker.add_argument("--device", default=None, help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default: VITLENS_DEVICE)")
     worker.add_argument("--max-models", type=int, default=None, help="models kept loaded (default: VITLENS_WORKER_MAX_MODELS)")

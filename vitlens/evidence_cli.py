@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -150,3 +152,27 @@ def run_global_probes(args: argparse.Namespace, settings: Settings) -> int:
         outcome = f"accuracy {row['accuracy']:.3f}" if row["accuracy"] is not None else f"not run: {row['reason']}"
         lines.append(f"  {row['token']:<8} {outcome} ({row['num_train']} train / {row['num_test']} test images)")
     return _finish(args, document, rows, "\n".join(lines))
+
+
+def run_report(args: argparse.Namespace, settings: Settings) -> int:
+    """``python -m vitlens report``: the self-contained HTML report."""
+    from .report import ReportOptions, build_report
+
+    settings.check_side(args.size)
+    if args.k < 1:
+        raise OptionError(f"--k must be at least 1, not {args.k}.")
+    if args.out.suffix.lower() not in (".html", ".htm"):
+        raise OptionError(f"--out must end in .html, not '{args.out.name}'.")
+    evidence = EvidenceOptions(layer=args.layer, threshold=parse_threshold(args.threshold),
+                               capture=CaptureOptions(side=args.size), max_pixels=settings.max_pixels)
+    options = ReportOptions(evidence=evidence, lost_features=args.features, lost_k=args.k)
+    engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
+    command = "python -m vitlens " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
+    page = build_report(engine, args.model, args.weights, args.images, options, command=command,
+                        progress=lambda step: print(f"report: {step}", file=sys.stderr))
+    try:
+        args.out.write_text(page, encoding="utf-8")
+    except OSError as error:
+        raise OptionError(f"Cannot write '{args.out}': {error.strerror or error}.") from error
+    print(f"wrote {args.out} ({len(page) / 1e6:.1f} MB)")
+    return 0
