@@ -181,8 +181,8 @@ def local_probe_run(engine: Engine, paths: Sequence[Path], model: str, weights: 
     for path, image, trace in traces(engine, paths, model, weights, replace(options, capture=capture), square=True,
                                      failed=failed, progress=progress):
         layer, grid = _layer(options.layer, trace.num_layers), trace.layout.grid
-        tokens = trace.states[layer][trace.layout.patches].astype(np.float32)  # [patch, channel]
-        pixels = patch_pixels(image.image, side, loaded.patch_size, loaded.mean, loaded.std)
+        tokens = trace.states[layer][trace.layout.patches]  # [patch, channel], float16 as captured
+        pixels = patch_pixels(image.image, side, loaded.patch_size, loaded.mean, loaded.std).astype(np.float16)
         samples.append(LocalSample(tokens, pixels, outlier_mask(trace, layer, options.threshold).ravel()))
         names.append(str(path))
     if len(samples) < 2:

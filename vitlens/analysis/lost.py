@@ -53,7 +53,7 @@ def lost(features: np.ndarray, grid: tuple[int, int], k: int = DEFAULT_K) -> Los
         raise ValueError(f"expected {rows * cols} patch features for grid {grid}, got shape {features.shape}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    x = features.astype(np.float64)
+    x = features.astype(np.float32)  # as LOST's own float32 torch computation
     similarity = x @ x.T  # [patch, patch]
     degree = _degree(similarity)
     order = np.argsort(degree, kind="stable")  # lowest degree first; ties: the earlier patch

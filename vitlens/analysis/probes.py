@@ -69,17 +69,18 @@ class LocalProbeResult:
 
 
 class _Ridge:
-    """Least squares with a bias and a ridge penalty, from streamed sums."""
+    """Least squares with a bias and a ridge penalty, from streamed sums (float64 totals of float32 chunks)."""
 
     def __init__(self, inputs: int, outputs: int) -> None:
         self.xtx = np.zeros((inputs + 1, inputs + 1))
         self.xty = np.zeros((inputs + 1, outputs))
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """x: [sample, input]; y: [sample, output]."""
-        x = _with_bias(x)
+    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        """Add samples ``x`` [sample, input] with targets ``y`` [sample, output]; ``y`` None means
+        the identity (sample i has target one-hot i, the position probe)."""
+        x = _with_bias(x, np.float32)
         self.xtx += x.T @ x
-        self.xty += x.T @ y
+        self.xty += x.T if y is None else x.T @ y.astype(np.float32)
 
     def solve(self, alpha: float = RIDGE_ALPHA) -> np.ndarray:
         """Weights ``[input + 1, output]`` (last row: bias); the penalty scales with each input's variance."""
@@ -90,8 +91,8 @@ class _Ridge:
         return np.linalg.solve(self.xtx + np.diag(penalty), self.xty)
 
 
-def _with_bias(x: np.ndarray) -> np.ndarray:
-    return np.hstack([x.astype(np.float64), np.ones((x.shape[0], 1))])
+def _with_bias(x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    return np.hstack([x.astype(dtype), np.ones((x.shape[0], 1), dtype=dtype)])
 
 
 def split_images(count: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -131,12 +132,11 @@ def _fit(samples: Sequence[LocalSample], train: np.ndarray, cells: int) -> tuple
     with_pixels = all(samples[i].pixels is not None for i in train)
     position = _Ridge(channels, cells)
     pixels = _Ridge(channels, samples[train[0]].pixels.shape[1]) if with_pixels else None
-    one_hot = np.eye(cells)
     for index in train:
-        position.add(samples[index].tokens, one_hot)
+        position.add(samples[index].tokens)  # targets: the identity, one cell per token
         if pixels is not None:
             pixels.add(samples[index].tokens, samples[index].pixels)
-    return position.solve(), pixels.solve() if pixels is not None else None
+    return position.solve().astype(np.float32), pixels.solve().astype(np.float32) if pixels is not None else None
 
 
 def _score(samples: Sequence[LocalSample], test: np.ndarray, grid: tuple[int, int], position: np.ndarray,
@@ -145,7 +145,7 @@ def _score(samples: Sequence[LocalSample], test: np.ndarray, grid: tuple[int, in
     cell_rows, cell_cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
     for index in test:
         sample = samples[index]
-        x = _with_bias(sample.tokens)
+        x = _with_bias(sample.tokens, np.float32)
         predicted = (x @ position).argmax(axis=1)  # [patch]
         distance = np.hypot(cell_rows[predicted] - cell_rows, cell_cols[predicted] - cell_cols)
         error = ((x @ pixels - sample.pixels) ** 2).mean(axis=1) if pixels is not None and sample.pixels is not None else None
