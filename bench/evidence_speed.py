@@ -28,12 +28,12 @@ PIXELS = 14 * 14 * 3
 
 def _measure(name: str, run: Callable[[], object]) -> None:
     tracemalloc.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f"| {name} | {seconds:.2f} | {peak / 2**20:.0f} |")
+    print(f"| {name} | {seconds:.2f} | {cpu:.2f} | {peak / 2**20:.0f} |")
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     labels = rng.integers(0, 10, size=images)
     keys = [rng.normal(size=(CELLS, CHANNELS)).astype(np.float32) for _ in range(min(images, 1000))]
     print(f"{images} images; local-probe inputs {inputs / 2**20:.0f} MiB (float16 tokens + pixels)\n")
-    print("| analysis | seconds | peak MiB (beyond inputs) |\n|---|---|---|")
+    print("| analysis | wall s | CPU s | peak MiB (beyond inputs) |\n|---|---|---|---|")
     _measure("redundancy (AUROC)", lambda: redundancy(similarities, masks))
     _measure("local probes (position + pixels)", lambda: local_probes(samples, GRID))
     _measure("global probe (one token kind)", lambda: global_probe(vectors, labels))
