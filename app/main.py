@@ -11,6 +11,10 @@ PAGES = [
     st.Page("views/emergence.py", title="Layer emergence", icon=":material/stacked_line_chart:", url_path="emergence"),
     st.Page("views/attention.py", title="Attention", icon=":material/visibility:", url_path="attention"),
     st.Page("views/embedding.py", title="Token embedding", icon=":material/scatter_plot:", url_path="embedding"),
+    st.Page("views/redundancy.py", title="Neighbour redundancy", icon=":material/texture:", url_path="redundancy"),
+    st.Page("views/probes.py", title="Linear probes", icon=":material/science:", url_path="probes"),
+    st.Page("views/lost.py", title="Object discovery (LOST)", icon=":material/crop_free:", url_path="lost"),
+    st.Page("views/report.py", title="Report", icon=":material/description:", url_path="report"),
     st.Page("views/about.py", title="About / how to read", icon=":material/menu_book:", url_path="about"),
 ]
 

@@ -98,6 +98,8 @@ def _setup(loaded, model: str, weights: str, images: Path, paths: Sequence[Path]
         ("weights fingerprint", loaded.fingerprint), ("patch size", loaded.patch_size),
         ("registers", int(getattr(loaded.model, "num_reg_tokens", 0))),
         ("images", f"{images} ({len(paths)} files, {len(failed)} unreadable)"),
+        ("image files", ", ".join(str(p.relative_to(images)) if p != images else p.name for p in paths[:50])
+         + (f" and {len(paths) - 50} more" if len(paths) > 50 else "")),
         ("input size", evidence.capture.side or f"{max(loaded.native_size)} (the model's own)"),
         ("antialiased position embeddings", evidence.capture.antialias), ("precision", evidence.capture.precision),
         ("outlier layer", evidence.layer), ("outlier threshold", "auto" if evidence.threshold is None else evidence.threshold),
