@@ -52,10 +52,13 @@ def norm_and_similarity_figure(norms: np.ndarray, similarity: np.ndarray, mask: 
 def redundancy_figure(result: RedundancyResult, title: str = "", height: int = 380) -> go.Figure:
     """The two distributions of neighbour similarity (paper Fig. 5a), as densities."""
     fig = go.Figure()
+    pooled = np.concatenate([result.normal, result.outlier])
+    low, high = (float(pooled.min()), float(pooled.max())) if pooled.size else (0.0, 1.0)
+    bins = dict(start=low, end=high + 1e-9, size=max(high - low, 1e-6) / 50)  # the same bins for both groups
     for name, values, colour in (("normal", result.normal, NORMAL_COLOUR), ("outlier", result.outlier, OUTLIER_COLOUR)):
         if values.size:
             fig.add_trace(go.Histogram(x=values, name=f"{name} ({values.size:,} cells)", histnorm="probability density",
-                                       marker_color=colour, opacity=0.6, nbinsx=50))
+                                       marker_color=colour, opacity=0.6, xbins=bins))
     auroc = "n/a" if result.auroc is None else f"{result.auroc:.3f}"
     fig.update_layout(barmode="overlay", height=height, title=title or f"neighbour similarity; AUROC {auroc}",
                       xaxis_title="cosine similarity to the 4 neighbours (patch embedding)", yaxis_title="density",
