@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import streamlit as st
 
 from choices import WEIGHTS_FILE_PREFIX, WEIGHTS_UPLOAD_PREFIX, weights_id, weights_label, weights_path
-from jobs import Job, boards
+from jobs import Job, boards, watch
 from resources import engine, settings
 from uploads import image
 from vitlens.analysis.outliers import LayerOutliers, layer_outliers
@@ -220,10 +220,12 @@ def captured(request: Request, state_layers: tuple[int, ...] = ()) -> Captured:
     """The request's traces. Raises ``Pending`` while they are computed, or the capture's error."""
     if not request.images:
         raise OptionError("Choose at least one image in the sidebar (gallery or upload).")
+    if len(set(request.images)) > settings().max_images:
+        raise OptionError(f"A view shows at most {settings().max_images} images; choose fewer in the sidebar.")
     board = boards()["capture"]
     what = f"{len(request.images)} image{'s' * (len(request.images) > 1)} x {len(request.models)} model{'s' * (len(request.models) > 1)}"
     label = f"Capturing {what}" + (" with token vectors" if state_layers else "")
-    job = board.run(f"capture|{request.key}|{state_layers}", label, lambda job: _capture(request, state_layers, job))
+    job = watch(board.run(f"capture|{request.key}|{state_layers}", label, lambda job: _capture(request, state_layers, job)))
     return board.result(job)
 
 

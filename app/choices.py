@@ -7,7 +7,9 @@ in the browser is never one.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import time
 from pathlib import Path
 
 import timm
@@ -77,21 +79,52 @@ def _uploaded_weights_dir() -> Path:
 def add_weights_upload(name: str, content: bytes) -> str:
     """Keep an uploaded weights file; returns its weights choice ``upload:<digest><suffix>``.
 
+    Uploaded files share ``Settings.max_uploaded_weights`` bytes: the least recently used
+    others are deleted to make room.
+
     Raises:
-        WeightsError: wrong suffix or empty file.
+        WeightsError: wrong suffix, empty, or larger than the whole budget.
     """
     suffix = Path(name).suffix.lower()
+    limit = settings().max_uploaded_weights
     if suffix not in WEIGHT_SUFFIXES:
         raise WeightsError(f"Weights file '{name}' must end in {', '.join(WEIGHT_SUFFIXES)}.")
     if not content:
         raise WeightsError(f"Weights file '{name}' is empty.")
+    if len(content) > limit:
+        raise WeightsError(f"Weights file '{name}' is {len(content) / 2**20:,.0f} MiB; this server keeps uploaded weights "
+                           f"up to {limit / 2**20:,.0f} MiB.")
     folder = _uploaded_weights_dir()
     folder.mkdir(parents=True, exist_ok=True)
     file_name = hashlib.sha256(content).hexdigest()[:16] + suffix
     path = folder / file_name
     if not path.exists():
-        path.write_bytes(content)
+        temporary = folder / f".{file_name}.{os.getpid()}.tmp"
+        temporary.write_bytes(content)
+        os.replace(temporary, path)
+    _touch(path)
+    prune_uploaded_weights(limit, keep=path)
     return WEIGHTS_UPLOAD_PREFIX + file_name
+
+
+def _touch(path: Path) -> None:
+    now = time.time_ns()  # explicit: "now" from the file system can be as coarse as a clock tick
+    os.utime(path, ns=(now, now))
+
+
+def prune_uploaded_weights(limit: int, keep: Path | None = None) -> list[str]:
+    """Delete the least recently used uploaded weights files until they take at most ``limit`` bytes."""
+    files = sorted((p for p in _uploaded_weights_dir().glob("*") if p.is_file() and p != keep),
+                   key=lambda p: p.stat().st_mtime_ns)
+    used = sum(p.stat().st_size for p in files) + (keep.stat().st_size if keep is not None else 0)
+    deleted = []
+    for path in files:
+        if used <= limit:
+            break
+        used -= path.stat().st_size
+        path.unlink(missing_ok=True)
+        deleted.append(path.name)
+    return deleted
 
 
 def weights_path(weights: str) -> str:
@@ -109,6 +142,7 @@ def weights_path(weights: str) -> str:
         path = _uploaded_weights_dir() / name
         if name != Path(name).name or name.startswith(".") or not path.is_file():
             raise WeightsError("The uploaded weights file is not on this server any more; upload it again.")
+        _touch(path)  # recently used: pruned last
         return str(path)
     raise WeightsError(f"Weights must be hub, synthetic, random or a weights file, not '{weights[:80]}'.")
 

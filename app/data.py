@@ -13,7 +13,7 @@ from choices import (NAMED_WEIGHTS, RANDOM_NOTE, WEIGHTS_FILE_PREFIX, add_weight
                      pair_of, patch_size, presets, weights_files, weights_label)
 from jobs import Cancelled, Job, Pending, forget, running_jobs
 from resources import settings
-from uploads import GALLERY_NAMES, add_upload, has_image, image_label, image_name
+from uploads import GALLERY_NAMES, add_upload, has_image, image_label, image_name, share_uploads
 from vitlens.analysis.outliers import parse_threshold
 from vitlens.errors import ImageError, OptionError, VitlensError, WeightsError
 
@@ -21,5 +21,5 @@ __all__ = ["Captured", "ModelChoice", "Request", "captured", "synthetic_note",
            "NAMED_WEIGHTS", "RANDOM_NOTE", "WEIGHTS_FILE_PREFIX", "add_weights_upload", "check_model", "pair_of",
            "patch_size", "presets", "weights_files", "weights_label",
            "Cancelled", "Job", "Pending", "forget", "running_jobs", "settings",
-           "GALLERY_NAMES", "add_upload", "has_image", "image_label", "image_name",
+           "GALLERY_NAMES", "add_upload", "has_image", "image_label", "image_name", "share_uploads",
            "parse_threshold", "ImageError", "OptionError", "VitlensError", "WeightsError"]

@@ -17,7 +17,7 @@ import figures
 from captures import Captured, Request, captured, check_layer, outliers_of
 from choices import weights_label
 from figures import EmergenceCurve, NormHistogram, Overlay, Table
-from jobs import Job, boards
+from jobs import Job, boards, watch
 from uploads import display_uri, image_name
 from vitlens.analysis.attention import ClsOutlierAttention, attention_maps, cls_outlier_attention
 from vitlens.analysis.embedding import TokenEmbedding, token_embedding
@@ -229,8 +229,8 @@ def embedding(request: Request, layer: int, method: str, threshold: float | None
         found = _pca(run.ids, layer, threshold, run.traces)
     else:
         board = boards()["analysis"]
-        job = board.run(f"umap|{run.ids}|{layer}|{threshold}", f"UMAP of {run.choice.name} layer {layer}",
-                        lambda job: _umap(job, run.traces, layer, threshold))
+        job = watch(board.run(f"umap|{run.ids}|{layer}|{threshold}", f"UMAP of {run.choice.name} layer {layer}",
+                              lambda job: _umap(job, run.traces, layer, threshold)))
         found = board.result(job)
     names = [image_name(ref) for ref in request.images]
     rows = [[run.choice.name, names[i], r, c, float(n), bool(o), float(x), float(y)]

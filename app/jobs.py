@@ -4,18 +4,27 @@ Captures and UMAP run in background threads (a ``JobBoard`` per kind of work), s
 on while the user browses other pages: a data function either returns its result or raises
 ``Pending(job)``, which the page shows as a progress bar with a cancel button (``ui.fetch``)
 before asking again.
+
+A job lives only while someone waits for it: every page that shows its progress, and the
+sidebar panel of a session that started it, touch it; a job nobody touched for ``ABANDON_S``
+seconds (its tabs were closed) stops at its next progress report. The worker threads are
+daemon threads, so SIGTERM stops the server at once instead of after the running capture.
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Callable
 
 import streamlit as st
 
 from vitlens.errors import VitlensError
+
+ABANDON_S = 20.0  # seconds without anyone waiting after which a job stops
+SESSION_JOBS = "my_jobs"  # session-state key: the keys of the jobs this session asked for
 
 
 class Pending(Exception):
@@ -27,11 +36,12 @@ class Pending(Exception):
 
 
 class Cancelled(VitlensError):
-    """The user cancelled the job that would compute this result."""
+    """The user cancelled the job that would compute this result (or every session waiting for it left)."""
 
-    def __init__(self, message: str, key: str) -> None:
+    def __init__(self, message: str, key: str, abandoned: bool = False) -> None:
         super().__init__(message)
         self.key = key
+        self.abandoned = abandoned
 
 
 class Job:
@@ -44,6 +54,7 @@ class Job:
         self.total = 0
         self.stage = "waiting for a free worker thread"
         self.started = time.monotonic()
+        self.seen = time.monotonic()
         self.future: Future | None = None
         self._cancel = threading.Event()
 
@@ -64,9 +75,20 @@ class Job:
         self.check()
         self.done, self.total, self.stage = done, total, stage
 
+    def touch(self) -> None:
+        """Someone is still waiting for this job."""
+        self.seen = time.monotonic()
+
+    @property
+    def abandoned(self) -> bool:
+        return time.monotonic() - self.seen > ABANDON_S
+
     def check(self) -> None:
+        """Raise ``Cancelled`` when the user cancelled, or when nobody has waited for ``ABANDON_S`` seconds."""
         if self._cancel.is_set():
             raise Cancelled(f"Cancelled: {self.label}.", self.key)
+        if self.abandoned:
+            raise Cancelled(f"Stopped: {self.label} (nobody was waiting for it).", self.key, abandoned=True)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -82,24 +104,37 @@ class JobBoard:
     """Background jobs by key: asking twice for the same key gives the same job."""
 
     def __init__(self, workers: int = 1, keep: int = 32) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitlens-job")
+        self._queue: queue.SimpleQueue[tuple[Job, Callable[[Job], object]]] = queue.SimpleQueue()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._keep = keep
+        for index in range(workers):  # daemon threads: a running job never holds up the server's exit
+            threading.Thread(target=self._serve, name=f"vitlens-job-{index}", daemon=True).start()
 
     def run(self, key: str, label: str, work: Callable[[Job], object]) -> Job:
         with self._lock:
             job = self._jobs.get(key)
-            if job is not None:
+            if job is not None and not _stopped_unwatched(job):
                 self._jobs.move_to_end(key)
+                job.touch()
                 return job
             job = Job(key, label)
-            job.future = self._executor.submit(self._call, job, work)
+            job.future = Future()
+            self._queue.put((job, work))
             self._jobs[key] = job
             finished = [k for k, j in self._jobs.items() if j.finished]
             for old in finished[:max(0, len(self._jobs) - self._keep)]:
                 del self._jobs[old]
             return job
+
+    def _serve(self) -> None:
+        while True:
+            job, work = self._queue.get()
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    job.future.set_result(self._call(job, work))
+                except BaseException as error:  # handed to whoever asks for the result
+                    job.future.set_exception(error)
 
     @staticmethod
     def _call(job: Job, work: Callable[[Job], object]) -> object:
@@ -118,6 +153,7 @@ class JobBoard:
 
     def result(self, job: Job) -> object:
         """The job's value; raises ``Pending`` while it runs and its error (forgotten, so a rerun retries) after."""
+        job.touch()
         if not job.finished:
             raise Pending(job)
         if job.future.cancelled():
@@ -130,15 +166,36 @@ class JobBoard:
         return job.future.result()
 
 
+def _stopped_unwatched(job: Job) -> bool:
+    """A job that stopped because nobody waited: whoever asks again gets a fresh one."""
+    if not job.finished or job.future.cancelled():
+        return False
+    error = job.future.exception()
+    return isinstance(error, Cancelled) and error.abandoned
+
+
 @st.cache_resource(show_spinner=False)
 def boards() -> dict[str, JobBoard]:
     """One thread for captures (the model is the bottleneck) and one for analyses such as UMAP."""
     return {"capture": JobBoard(workers=1, keep=8), "analysis": JobBoard(workers=1, keep=16)}  # older results: the disk store
 
 
+def watch(job: Job) -> Job:
+    """Remember that this session waits for ``job`` (its sidebar keeps the job alive and shows it)."""
+    mine = st.session_state.setdefault(SESSION_JOBS, [])
+    if job.key not in mine:
+        mine.append(job.key)
+        del mine[:-32]
+    return job
+
+
 def running_jobs() -> list[Job]:
-    """Jobs still running in this process (for the sidebar status)."""
-    return [job for board in boards().values() for job in board.active()]
+    """This session's jobs still running (for the sidebar status); asking keeps them alive."""
+    mine = set(st.session_state.get(SESSION_JOBS, []))
+    jobs = [job for board in boards().values() for job in board.active() if job.key in mine]
+    for job in jobs:
+        job.touch()
+    return jobs
 
 
 def forget(key: str) -> None:

@@ -1,9 +1,11 @@
 """vitlens dashboard: the router. Shared sidebar and state here; one file per view in views/ (not "pages/": Streamlit would treat that folder as its legacy multipage layout)."""
 import streamlit as st
 
+import auth
 import ui
 
 st.set_page_config(page_title="vitlens", page_icon=":material/blur_on:", layout="wide")
+auth.gate()  # with sign-in configured: only the sign-in page until signed in with an allowed account
 
 PAGES = [
     st.Page("views/norm_maps.py", title="Norm maps", icon=":material/grid_on:", url_path="norm_maps", default=True),

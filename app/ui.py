@@ -13,6 +13,7 @@ from typing import Callable, TypeVar
 import plotly.graph_objects as go
 import streamlit as st
 
+import auth
 import data
 import figures
 from data import ImageError, OptionError, VitlensError, WeightsError
@@ -72,12 +73,12 @@ def init_state() -> None:
     if _param("pair_weights"):
         state["pair_weights"] = _param("pair_weights")
     state["side"] = _int(_param("side")) or DEFAULT_SIDE
-    refs = [ref for ref in (_param("images") or ",".join(DEFAULT_IMAGES)).split(",") if ref]
+    refs = list(dict.fromkeys(ref for ref in (_param("images") or ",".join(DEFAULT_IMAGES)).split(",") if ref))  # each once
     missing = [ref for ref in refs if not data.has_image(ref)]
     if missing:
-        state["url_problems"].append(f"Images {', '.join(missing)} from the link are not on this server (uploads are kept "
+        state["url_problems"].append(f"Images {_some(missing)} from the link are not on this server (uploads are kept "
                                      "in memory only); upload them again.")
-    state["images"] = [ref for ref in refs if data.has_image(ref)]
+    state["images"] = _capped([ref for ref in refs if data.has_image(ref)], "The link")
     if (layer := _int(_param("layer"))) is not None:
         state["layer"] = layer
     try:
@@ -86,6 +87,22 @@ def init_state() -> None:
         value = None
         state["url_problems"].append(f"{error} Using auto.")
     state["threshold_auto"], state["threshold_value"] = value is None, value or 100.0
+
+
+def _some(items: list[str], shown: int = 5) -> str:
+    """The first few items (each cut to 40 characters) and how many more there are."""
+    listed = ", ".join(item[:40] for item in items[:shown])
+    return listed + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def _capped(refs: list[str], source: str) -> list[str]:
+    """At most ``max_images`` references; says which were dropped (in ``url_problems``)."""
+    limit = data.settings().max_images
+    if len(refs) > limit:
+        st.session_state.setdefault("url_problems", []).append(
+            f"{source} names {len(refs)} images; a view shows at most {limit}, so {_some(refs[limit:])} "
+            "were left out.")
+    return refs[:limit]
 
 
 def keep_page_state() -> None:
@@ -153,6 +170,7 @@ def sidebar() -> data.Request | None:
     """Draw the shared sidebar; returns the request, or None (the reason is kept for the pages)."""
     st.session_state["request_error"] = None
     with st.sidebar:
+        auth.account_panel()
         request = _model_and_images()
         _threshold_controls()
         _status()
@@ -273,10 +291,18 @@ def _on_upload() -> None:
         if file_id in failed:
             continue
         try:
-            ref = data.add_upload(upload.name, upload.getvalue())
+            ref, dropped = data.add_upload(upload.name, upload.getvalue())
         except ImageError as error:
             errors.append(str(error))
             failed.add(file_id)
+            continue
+        if dropped:
+            errors.append(f"Your uploads use more than this server keeps per visitor, so your oldest ({', '.join(dropped[:5])}"
+                          f"{' and more' if len(dropped) > 5 else ''}) were dropped.")
+            refs = [ref for ref in refs if data.has_image(ref)]
+        if ref not in refs and len(refs) >= data.settings().max_images:
+            errors.append(f"'{upload.name}' was not added: a view shows at most {data.settings().max_images} images; "
+                          "remove some first.")
             continue
         if ref not in refs:
             refs.append(ref)
@@ -296,11 +322,19 @@ def _image_controls() -> list[str]:
     options = list(data.GALLERY_NAMES)
     options += [ref for ref in state.get("my_uploads", []) + state.get("images", []) if ref not in options and data.has_image(ref)]
     state["images"] = [ref for ref in state.get("images", []) if ref in options]
-    st.multiselect("Gallery photographs and uploads", options, key="images", format_func=data.image_label)
+    state["images"] = state["images"][:data.settings().max_images]
+    st.multiselect("Gallery photographs and uploads", options, key="images", format_func=data.image_label,
+                   max_selections=data.settings().max_images)
     st.file_uploader("Upload images (several at once)", type=IMAGE_TYPES, accept_multiple_files=True, key="image_uploads",
                      on_change=_on_upload)
     for message in state.get("upload_errors", []):
         st.error(message)
+    if state.get("my_uploads"):
+        if state.get("share_uploads"):
+            st.caption("Your uploads are shared: anyone with this page's link sees them.")
+        else:
+            st.button("Share my uploads by link", on_click=data.share_uploads,
+                      help="Uploads are visible only to you; this lets anyone with the link see them.")
     return list(state["images"])
 
 
@@ -385,6 +419,7 @@ def _wait(job: data.Job, area, while_waiting: Callable[[], None] | None) -> None
         st.caption("You can browse other pages meanwhile: the work goes on in the background.")
     tick = 0
     while not job.finished:
+        job.touch()  # this page still waits: the job goes on (it stops once no page or sidebar asks)
         fraction = job.fraction
         if fraction is None:  # no count to show: sweep
             tick += 1

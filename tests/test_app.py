@@ -340,6 +340,7 @@ def test_state_follows_the_user_across_pages_and_into_the_url(weights_dir):
     assert params["layer"] == "5" and params["model"] == TINY and params["weights"] == "file:tiny_planted.safetensors"
     assert params["images"].startswith("upload-") and "," not in params["images"]
 
+    next(b for b in at.button if b.label == "Share my uploads by link").click().run()  # uploads are private until shared
     teammate = _app(**{k: v for k, v in params.items()})  # same server: the upload is still in memory
     teammate.run()
     _ok(teammate)
@@ -389,3 +390,122 @@ def _add_upload(at: AppTest, key: str, name: str, content: bytes) -> None:
 
 def _query_string(at: AppTest) -> str:
     return "&".join(f"{k}={v}" for k, v in at.query_params.items())
+
+
+def test_a_link_naming_one_image_ten_thousand_times_captures_it_once(monkeypatch):
+    """Item 1 of issue 13: `images=coffee,coffee,...` (70 KB) must not queue 10,000 captures."""
+    register_tiny_models()
+    captured_images = []
+    captures = _app_module("captures")
+    original = captures.compute_traces
+    monkeypatch.setattr(captures, "compute_traces",
+                        lambda images, *args, **kwargs: captured_images.append(len(images)) or original(images, *args, **kwargs))
+    at = _app(model=TINY, weights="random", compare="0", side=str(TINY_SIDE), images="coffee," * 10_000).run()
+    _ok(at)
+    assert at.multiselect(key="images").value == ["coffee"]
+    assert captured_images == [1] and at.query_params["images"] in ("coffee", ["coffee"])
+
+
+def test_images_beyond_the_limit_are_dropped_with_a_message(monkeypatch):
+    register_tiny_models()
+    monkeypatch.setenv("VITLENS_MAX_IMAGES", "2")
+    at = _app(model=TINY, weights="random", compare="0", side=str(TINY_SIDE), images="astronaut,cat,coffee,rocket").run()
+    assert not at.exception
+    assert at.multiselect(key="images").value == ["astronaut", "cat"]
+    assert any("names 4 images" in w.value and "coffee, rocket" in w.value for w in at.warning)
+    at.file_uploader(key="image_uploads").set_value(("extra.png", png_bytes(seed=5), "image/png"))
+    at.run()
+    assert at.multiselect(key="images").value == ["astronaut", "cat"]
+    assert any("'extra.png' was not added" in e.value for e in at.error)
+
+
+def _app_module(name: str):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(APP))
+    return importlib.import_module(name)
+
+
+def test_a_job_nobody_waits_for_stops_and_a_new_request_starts_afresh(monkeypatch):
+    jobs = _app_module("jobs")
+    monkeypatch.setattr(jobs, "ABANDON_S", 0.3)
+    board, steps = jobs.JobBoard(), []
+
+    def slow(job):
+        for step in range(1000):
+            job.report(step, 1000, "working")
+            steps.append(step)
+            __import__("time").sleep(0.01)
+        return "done"
+
+    job = board.run("k", "slow work", slow)
+    error = job.future.exception(timeout=10)  # nobody touches it: it stops by itself
+    assert isinstance(error, jobs.Cancelled) and error.abandoned and len(steps) < 200
+    again = board.run("k", "slow work", lambda job: 42)
+    assert again is not job and again.future.result(timeout=10) == 42
+
+
+def test_a_running_job_does_not_hold_up_the_exit_of_the_server():
+    """SIGTERM ends the Streamlit server's main thread; the capture thread must not keep the process alive."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import jobs; "
+              "board = jobs.JobBoard(); board.run('k', 'long capture', lambda job: time.sleep(300)); time.sleep(0.5); "
+              "print(time.time(), flush=True)")
+    done = subprocess.run([sys.executable, "-c", script, str(APP)], timeout=240, check=True, capture_output=True, text=True)
+    assert time.time() - float(done.stdout.split()[-1]) < 60  # main thread's end to process end: teardown, not the 300 s job
+
+
+def _decoded(seed: int, side: int):
+    from vitlens.images import decode_image
+
+    return decode_image(png_bytes(side, side, seed), name=f"p{seed}.png")
+
+
+def test_one_visitors_uploads_never_evict_anothers():
+    """Four large uploads by one visitor used to push every other visitor's uploads out, silently."""
+    uploads = _app_module("uploads")
+    unit = 100 * 100 * 3
+    store = uploads._Uploads(budget=3 * unit, limit=6 * unit)
+    alice, _ = store.add(_decoded(0, 100), "session:alice")
+    dropped_by_mallory = [store.add(_decoded(seed, 100), "session:mallory")[1] for seed in range(1, 5)]
+    assert store.visible(alice, "session:alice") is not None  # the other visitor's upload stays
+    assert [names for names in dropped_by_mallory if names] == [["p1.png"]]  # mallory is told what went
+    for seed in range(5, 8):  # the ceiling: the heaviest owner gives way first
+        store.add(_decoded(seed, 100), f"session:visitor{seed}")
+    assert store.visible(alice, "session:alice") is not None and store._used() <= 6 * unit
+
+
+def test_uploads_are_private_until_shared_by_link():
+    register_tiny_models()
+    query = dict(model=TINY, weights="random", compare="0", side=str(TINY_SIDE), images="cat")
+    owner = _app(**query).run()
+    owner.file_uploader(key="image_uploads").set_value(("mine.png", png_bytes(seed=9), "image/png"))
+    owner.run()
+    ref = next(ref for ref in owner.multiselect(key="images").value if ref.startswith("upload-"))
+    stranger = _app(**dict(query, images=ref)).run()
+    assert not stranger.exception and stranger.multiselect(key="images").value == []
+    assert any(ref in w.value and "not on this server" in w.value for w in stranger.warning)
+    next(b for b in owner.button if b.label == "Share my uploads by link").click().run()
+    teammate = _app(**dict(query, images=ref)).run()
+    assert not teammate.exception and teammate.multiselect(key="images").value == [ref]
+
+
+def test_uploaded_weights_are_bounded_least_recently_used_first(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITLENS_MAX_UPLOADED_WEIGHTS", "3000")
+    choices = _app_module("choices")
+    first = choices.add_weights_upload("a.pth", b"a" * 1200)
+    second = choices.add_weights_upload("b.pth", b"b" * 1200)
+    choices.weights_path(first)  # used again: now the most recent
+    __import__("time").sleep(0.01)
+    third = choices.add_weights_upload("c.pth", b"c" * 1200)
+    folder = choices._uploaded_weights_dir()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(w.split(":", 1)[1] for w in (first, third))
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 3000
+    with pytest.raises(choices.WeightsError, match="not on this server any more"):
+        choices.weights_path(second)
+    with pytest.raises(choices.WeightsError, match="keeps uploaded weights up to"):
+        choices.add_weights_upload("huge.pth", b"x" * 4000)

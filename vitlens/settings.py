@@ -15,7 +15,8 @@ from .store import DEFAULT_SIZE_LIMIT
 MODES = ("embedded", "hosted")
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-_POSITIVE = ("cache_size", "max_pixels", "max_image_bytes", "max_side", "job_timeout", "worker_wait", "worker_batch",
+_POSITIVE = ("cache_size", "max_pixels", "max_image_bytes", "max_side", "max_images", "max_uploaded_weights",
+             "job_timeout", "worker_wait", "worker_batch",
              "worker_max_models", "worker_lease", "job_attempts", "poll_interval")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")  # as vitlens.models.WEIGHT_SUFFIXES (not imported: it pulls in timm)
 
@@ -35,7 +36,12 @@ class Settings:
         max_pixels: Largest image (width x height) accepted for decoding.
         max_image_bytes: Largest image file accepted (checked before reading it).
         max_side: Largest capture side in pixels.
+        max_images: Most images one request (a view, a link, a job) may name.
+        max_uploaded_weights: Bytes of weights files uploaded in the app kept on disk (least
+            recently used deleted first).
         allowed_models: Model names the app offers and accepts; None: any preset or timm ViT.
+        allowed_email_domains: With sign-in on, the e-mail domains whose accounts may use the app;
+            None: any account the identity provider signs in.
         weights_dir: Folder the app may load local weights files from; None: no local files.
             The browser names a file in it, never a path.
         mode: ``embedded`` (default: the app runs captures in a worker thread of its own, so
@@ -61,7 +67,10 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_side: int = 1036
+    max_images: int = 16
+    max_uploaded_weights: int = 2 * 2**30
     allowed_models: tuple[str, ...] | None = None
+    allowed_email_domains: tuple[str, ...] | None = None
     weights_dir: Path | None = None
     mode: str = "embedded"
     job_dir: Path | None = None
@@ -165,13 +174,19 @@ def _parse(name: str, text: str) -> object:
         raise OptionError(f"VITLENS_{name.upper()} must be {kind}, not '{text[:40]}'.") from error
 
 
-def _model_names(text: str) -> tuple[str, ...] | None:
+def _names(text: str) -> tuple[str, ...] | None:
     return tuple(name.strip() for name in text.split(",") if name.strip()) or None
 
 
+def _domains(text: str) -> tuple[str, ...] | None:
+    return tuple(name.lstrip("@").lower() for name in _names(text) or ()) or None
+
+
 _CONVERTERS: dict[str, Callable[[str], object]] = {
-    "cache_dir": Path, "weights_dir": Path, "job_dir": Path, "allowed_models": _model_names,
-    "cache_size": int, "max_pixels": int, "max_image_bytes": int, "max_side": int, "worker_batch": int,
+    "cache_dir": Path, "weights_dir": Path, "job_dir": Path, "allowed_models": _names,
+    "allowed_email_domains": _domains,
+    "cache_size": int, "max_pixels": int, "max_image_bytes": int, "max_side": int, "max_images": int,
+    "max_uploaded_weights": int, "worker_batch": int,
     "worker_max_models": int, "job_attempts": int,
     "job_timeout": float, "worker_wait": float, "worker_lease": float, "poll_interval": float,
 }
