@@ -3,6 +3,9 @@
     python bench/load_test.py                       # 8 sessions x 3 requests, one worker, app server
     python bench/load_test.py --fault               # SIGKILL the worker mid-batch, restart it
     python bench/load_test.py --workers 2 --no-app  # two workers on one queue
+    python bench/load_test.py --hostile             # issue 13: honest phase, then the same with a hostile
+                                                    # session (the 10,000-image link, a zip-bomb weights
+                                                    # file) and the worker killed; Chromium sessions too
 
 Each simulated session is a thread doing what the app's data layer does in hosted mode:
 ``vitlens.client.Client.compute_traces`` on its own images (crops of the offline gallery,
@@ -10,6 +13,13 @@ different for every request), which queues a job and polls it. The report gives 
 p50/p95 latency, how the worker batched, and accounts for every job: each must end ``done``
 or ``failed`` with a reason. Everything runs on this machine; the app server listens on
 127.0.0.1 only. Loops are bounded by ``--timeout``.
+
+``--hostile`` runs two phases on fresh images: honest sessions alone, then honest sessions
+while a hostile one opens the ``?images=coffee,…`` link (ten thousand copies) in Chromium and
+asks for a zip-bomb weights file, and the worker is SIGKILLed and restarted. ``--browsers N``
+of the honest sessions are real Chromium pages on the app (latency: until the first chart is
+drawn). It reports jobs done / failed with a reason / lost, p50/p95 latency of the honest
+sessions in each phase, and the peak memory (RSS) of the app server and the worker.
 """
 from __future__ import annotations
 
@@ -64,10 +74,14 @@ class Run:
 def main() -> int:
     args = _parser().parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="vitlens-load-"))
+    weights_dir = work / "weights"
+    weights_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(cache_dir=work / "cache", device="cpu", mode="hosted", poll_interval=0.05,
                         worker_lease=args.lease, worker_batch=args.batch, job_timeout=args.timeout,
-                        worker_wait=args.timeout, job_attempts=args.attempts)
+                        worker_wait=args.timeout, job_attempts=args.attempts, weights_dir=weights_dir)
     env = _env(settings)
+    if args.hostile:
+        return _hostile_main(args, settings, env, work)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     workers = [_start_worker(env, logs / f"worker{i}.log") for i in range(args.workers)]
@@ -141,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on every wait, in seconds")
     parser.add_argument("--dir", help="working folder (default: a new temporary one)")
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--hostile", action="store_true",
+                        help="honest phase, then honest + hostile session + worker kill (see the module docstring)")
+    parser.add_argument("--browsers", type=int, default=2, help="with --hostile: honest sessions that are Chromium pages")
     return parser
 
 
@@ -149,7 +166,7 @@ def _env(settings: Settings) -> dict[str, str]:
     env.update({"VITLENS_CACHE_DIR": str(settings.cache_dir), "VITLENS_DEVICE": settings.device, "VITLENS_MODE": "hosted",
                 "VITLENS_POLL_INTERVAL": str(settings.poll_interval), "VITLENS_WORKER_LEASE": str(settings.worker_lease),
                 "VITLENS_WORKER_BATCH": str(settings.worker_batch), "VITLENS_JOB_ATTEMPTS": str(settings.job_attempts),
-                "PYTHONPATH": str(ROOT),
+                "PYTHONPATH": str(ROOT), "VITLENS_WEIGHTS_DIR": str(settings.weights_dir),
                 "HF_HUB_OFFLINE": "1"})
     return env
 
@@ -209,9 +226,9 @@ def _gallery(name: str):
     return gallery_image(name).image
 
 
-def _session(client: Client, run: Run, session: int, args: argparse.Namespace) -> None:
+def _session(client: Client, run: Run, session: int, args: argparse.Namespace, seed: int = 0) -> None:
     options = CaptureOptions(side=args.side)
-    requests = [[_image(session, request, index) for index in range(args.images)] for request in range(args.requests)]
+    requests = [[_image(session + seed, request, index) for index in range(args.images)] for request in range(args.requests)]
     args.ready.wait()
     for request, images in enumerate(requests):
         job_id = JobSpec(args.model, "random", tuple(image.digest for image in images), options).job_id
@@ -324,6 +341,196 @@ def _print(report: dict) -> None:
     width = max(map(len, report))
     for key, value in report.items():
         print(f"{key:<{width}}  {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# --hostile: honest phase, then hostile phase with a worker kill; Chromium sessions; peak memory
+# ----------------------------------------------------------------------------------------------
+
+HOSTILE_LINK_COPIES = 10_000
+BOMB = "bomb.pth"
+
+
+def _hostile_main(args: argparse.Namespace, settings: Settings, env: dict[str, str], work: Path) -> int:
+    _write_bomb(settings.weights_dir / BOMB, args.model)
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    workers = [_start_worker(env, logs / "worker0.log")]
+    app = _start_app(env, logs / "app.log")
+    client = Client(settings)
+    memory = _MemorySampler(lambda: {"app": [app[0].pid], "worker": [process.pid for process in workers]})
+    report: dict = {"model": args.model, "side": args.side, "sessions": args.sessions, "browser_sessions": args.browsers,
+                    "requests_per_session": args.requests, "images_per_request": args.images}
+    try:
+        report["app"] = _wait_app(app, args.timeout)
+        client.compute_traces([_image(-1, 0, 0)], args.model, "random", CaptureOptions(side=args.side), timeout=args.timeout)
+        memory.start()
+        url = f"http://127.0.0.1:{app[1]}"
+        report["honest_only"] = _phase(client, url, args, seed=100, hostile=None)
+        hostile: dict = {}
+        fault: dict = {}
+        killer = threading.Thread(target=_kill_and_restart, args=(client, workers, env, logs, args, fault), daemon=True)
+        report["with_hostile"] = _phase(client, url, args, seed=200, hostile=hostile, killer=killer)
+        report["hostile"] = hostile
+        report["fault"] = fault
+        report["app_after"] = _health(app[1])
+        report.update(_accounting(client, settings))
+    finally:
+        memory.stop()
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        stop = time.monotonic()
+        app[0].send_signal(signal.SIGTERM)
+        _wait(app[0])
+        report["app_sigterm_exit_s"] = round(time.monotonic() - stop, 2)
+        for process in workers:
+            _wait(process)
+        client.close()
+    report["peak_rss_mib"] = memory.peaks
+    _print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    ok = report["jobs_unfinished"] == 0 and not report["failed_without_reason"] and report["app_after"] == "ok"
+    return 0 if ok else 1
+
+
+def _phase(client: Client, url: str, args: argparse.Namespace, seed: int, hostile: dict | None,
+           killer: threading.Thread | None = None) -> dict:
+    """Honest sessions (``--browsers`` of them in Chromium), optionally with the hostile session and a kill."""
+    run = Run()
+    honest = args.sessions - args.browsers
+    args.ready = threading.Barrier(honest + 1, timeout=args.timeout)
+    threads = [threading.Thread(target=_session, args=(client, run, s, args, seed)) for s in range(honest)]
+    threads += [threading.Thread(target=_browser_session, args=(url, run, honest + b, args, seed)) for b in range(args.browsers)]
+    if hostile is not None:
+        threads.append(threading.Thread(target=_hostile_session, args=(client, url, args, hostile)))
+    for thread in threads:
+        thread.start()
+    args.ready.wait()
+    start = time.monotonic()
+    if killer is not None:
+        killer.start()
+    for thread in threads:
+        thread.join(args.timeout + 60)
+    if killer is not None:
+        killer.join(30)
+    summary = _summary(run, time.monotonic() - start, args)
+    summary["unaccounted"] = args.sessions * args.requests - len(run.outcomes)
+    return summary
+
+
+def _browser_session(url: str, run: Run, session: int, args: argparse.Namespace, seed: int) -> None:
+    """A Chromium page per request on the app's link for two gallery images; latency until a chart is drawn."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        run.add(Outcome(session, 0, 0.0, "error", "playwright is not installed"))
+        return
+    names = sorted(GALLERY)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--headless"])
+        try:
+            for request in range(args.requests):
+                pair = [names[(session + seed + request + k) % len(names)] for k in range(args.images)]
+                link = (f"{url}/?model={args.model}&weights=random&compare=0&side={args.side + 14 * (seed // 100)}"
+                        f"&images={','.join(pair)}")
+                page = browser.new_page()
+                start = time.monotonic()
+                try:
+                    page.goto(link, timeout=args.timeout * 1000)
+                    page.wait_for_function("() => document.querySelectorAll('[data-testid=stMain] .js-plotly-plot').length"
+                                           " > 0 || document.querySelector('[data-testid=stAlert]') !== null",
+                                           timeout=args.timeout * 1000)
+                    alert = page.locator("[data-testid=stMain] [data-testid=stAlert]")
+                    state = "failed" if alert.count() and not page.locator(".js-plotly-plot").count() else "done"
+                    message = alert.first.inner_text()[:200] if state == "failed" else ""
+                    run.add(Outcome(session, request, time.monotonic() - start, state, message))
+                except Exception as error:  # counted, reported, never hidden
+                    run.add(Outcome(session, request, time.monotonic() - start, "error", f"{type(error).__name__}: {error}"[:200]))
+                finally:
+                    page.close()
+        finally:
+            browser.close()
+
+
+def _hostile_session(client: Client, url: str, args: argparse.Namespace, report: dict) -> None:
+    """The issue-13 link (one image ten thousand times, 70 KB) in Chromium, then a zip-bomb weights file."""
+    from playwright.sync_api import sync_playwright
+
+    link = f"{url}/?model={args.model}&weights=random&compare=0&side={args.side}&images=" + "coffee," * HOSTILE_LINK_COPIES
+    start = time.monotonic()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--headless"])
+        try:
+            page = browser.new_page()
+            page.goto(link, timeout=args.timeout * 1000)
+            page.wait_for_function("() => document.querySelectorAll('[data-testid=stMain] .js-plotly-plot').length > 0",
+                                   timeout=args.timeout * 1000)
+            report["link_bytes"] = len(link)
+            report["link_charts_drawn_s"] = round(time.monotonic() - start, 2)
+            report["link_images_shown"] = page.locator("[data-testid=stMultiSelect] [data-baseweb=tag]").count()
+        except Exception as error:  # reported
+            report["link_error"] = f"{type(error).__name__}: {error}"[:200]
+        finally:
+            browser.close()
+    start = time.monotonic()
+    try:
+        client.compute_traces([_image(-2, 0, 0)], args.model, BOMB, CaptureOptions(side=args.side), timeout=args.timeout)
+        report["bomb"] = "accepted (!)"
+    except VitlensError as error:
+        report["bomb"] = f"refused in {time.monotonic() - start:.1f} s: {error}"
+
+
+def _write_bomb(path: Path, model: str) -> None:
+    """A torch.save checkpoint whose tensor record is replaced by 512 MiB of deflated zeros (about 0.5 MB on disk)."""
+    import zipfile
+
+    import torch
+
+    plain = path.with_suffix(".plain")
+    torch.save({"pos_embed": torch.zeros(16)}, plain)
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for record in source.infolist():
+            if "/data/" not in record.filename:
+                bomb.writestr(record.filename, source.read(record.filename))
+                continue
+            with bomb.open(record.filename, "w", force_zip64=True) as inflated:
+                for _ in range(32):
+                    inflated.write(bytes(16 * 2**20))
+    plain.unlink()
+
+
+class _MemorySampler:
+    """Peak resident memory (MiB) of named groups of processes, sampled every 0.2 s."""
+
+    def __init__(self, pids) -> None:
+        self._pids = pids
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for name, pids in self._pids().items():
+                total = sum(_rss_mib(pid) for pid in pids)
+                self.peaks[name] = round(max(self.peaks.get(name, 0.0), total), 1)
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 #                           e.g. "cuda:0 cuda:1" for one worker per GPU
 #   VITLENS_WORKER_ARGS     extra `python -m vitlens worker` options, e.g. "--precision bf16"
 #   VITLENS_ADDRESS, PORT   where the app listens (default 0.0.0.0:8501)
+#   VITLENS_SECRETS         Streamlit secrets file with an [auth] section for sign-in (default
+#                           /data/secrets.toml; sign-in stays off while it does not exist)
 # Any other VITLENS_* setting is read by both (see docs/hosting.md). SIGTERM stops everything;
 # workers finish their running batch first.
 set -uo pipefail
@@ -27,7 +29,9 @@ stop_all() {
 trap stop_all TERM INT
 
 for i in "${!devices[@]}"; do start_worker "$i"; done
-streamlit run app/main.py --server.address "${VITLENS_ADDRESS:-0.0.0.0}" --server.port "${PORT:-8501}" &
+secrets=()  # sign-in (st.login) is on when an [auth] secrets file is there (docs/hosting.md, "Sign-in")
+[ -f "${VITLENS_SECRETS:-/data/secrets.toml}" ] && secrets=(--secrets.files "${VITLENS_SECRETS:-/data/secrets.toml}")
+streamlit run app/main.py --server.address "${VITLENS_ADDRESS:-0.0.0.0}" --server.port "${PORT:-8501}" "${secrets[@]}" &
 app=$!
 
 while [ "$stopping" = 0 ]; do

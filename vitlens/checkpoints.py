@@ -96,7 +96,8 @@ def _check_zip_records(path: Path, max_bytes: int) -> None:
 
 
 def _check_safetensors_header(path: Path, size: int, max_bytes: int) -> None:
-    bad = WeightsError(f"Weights file '{path.name}' is not a valid .safetensors file (its header is inconsistent).")
+    bad = WeightsError(f"Weights file '{path.name}' could not be read: it is not a valid .safetensors checkpoint "
+                       "(its header is inconsistent).")
     with open(path, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
         if size < 8 or length > min(size - 8, _SAFETENSORS_MAX_HEADER):
