@@ -7,7 +7,7 @@ For each model, size, batch and precision: ``--images`` synthetic photographs (6
 written to a temporary folder; the sweep (decoding, preprocessing, norms-only capture, outlier
 detection, rows, one Parquet file per batch) runs over them with the model already loaded
 (loading is once per checkpoint, not per image); the plain pass runs timm's ``forward_features``
-on the very tensors the sweep fed, in batches of the same size. Both are timed ``--repeats``
+(at the same input size) on the very tensors the sweep fed, in batches of the same size. Both are timed ``--repeats``
 times (a fresh results folder each time), and the best of each is compared. Goal: the sweep at
 least ``SWEEP_TARGET`` of the plain throughput.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .capture import _autocast
+from .capture import _autocast, input_resolution
 from .images import read_image_file, resize_for_model, to_tensor
 from .sweep import SweepConfig, SweepRunner, find_checkpoints, find_images, plan_tasks, run_local, write_results
 
@@ -80,10 +80,11 @@ def bench_sweep(name: str, size: int, batch: int, precision: str, device: torch.
                for item in items]
     batches = [torch.stack(tensors[i:i + batch]).to(device) for i in range(0, len(tensors), batch)]  # [batch, 3, h, w] each
 
-    def plain() -> None:
+    def plain() -> None:  # at the sweep's input size (photos keep their aspect ratio), as capture sets it
         with torch.inference_mode(), _autocast(device, precision):
             for pixels in batches:
-                loaded.model.forward_features(pixels)
+                with input_resolution(loaded.model, tuple(pixels.shape[-2:])):
+                    loaded.model.forward_features(pixels)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
