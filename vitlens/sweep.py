@@ -108,6 +108,23 @@ class SweepConfig:
         return CaptureOptions(side=self.size, antialias=self.antialias, precision=self.precision)
 
 
+@dataclass
+class Prepared:
+    """A task's images ready for the forward pass.
+
+    Attributes:
+        items: The images that decoded, in task order.
+        cached: Traces found in the trace cache, by index into ``items``.
+        batches: (indices into ``items``, pixels ``[batch, 3, height, width]``), one per input shape.
+        failed: (image, reason) of the files that are not usable images.
+    """
+
+    items: list[ImageItem] = field(default_factory=list)
+    cached: dict[int, Trace] = field(default_factory=dict)
+    batches: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class TaskResult:
     """Rows of one task, the images that could not be read, and how many images were run."""
@@ -451,20 +468,32 @@ class SweepRunner:
             self._loaded = ((name, weights), load_model(name, weights, device=self.device, model_args=self.config.model_args))
         return self._loaded[1]
 
-    def prepare(self, task: Task) -> tuple[list[tuple[ImageItem, str, torch.Tensor]], list[tuple[str, str]]]:
-        """Decode and preprocess a task's images: ([(item, pixel digest, tensor)], [(image, reason)])."""
+    def prepare(self, task: Task) -> Prepared:
+        """Everything before the forward pass: decode, preprocess, look up the trace cache, stack.
+
+        Runs ahead in a thread while the previous task's forward pass runs.
+        """
         loaded = self.model(task.model, task.checkpoint.weights)
         side = self.config.size or max(loaded.native_size)
         input_shape((side, side), side, loaded.patch_size)  # a bad --size is bad input, not a failed image
         with ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="vitlens-decode") as pool:  # PIL frees the GIL
             outcomes = list(pool.map(lambda item: self._decode(item, side, loaded), task.images))
-        ready, failed = [], []
+        prepared = Prepared()
+        pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}  # input shape -> (index, pixels)
         for item, outcome in zip(task.images, outcomes):
             if isinstance(outcome, str):
-                failed.append((item.name, outcome))
+                prepared.failed.append((item.name, outcome))
+                continue
+            digest, tensor = outcome
+            index = len(prepared.items)
+            prepared.items.append(item)
+            cached = self._cached(loaded, digest)
+            if cached is not None:
+                prepared.cached[index] = cached
             else:
-                ready.append((item, *outcome))
-        return ready, failed
+                pending.setdefault(tuple(tensor.shape), []).append((index, tensor))
+        prepared.batches = [([index for index, _ in group], self._stack([tensor for _, tensor in group])) for group in pending.values()]
+        return prepared
 
     def _decode(self, item: ImageItem, side: int, loaded: LoadedModel) -> tuple[str, torch.Tensor] | str:
         """(pixel digest, model input ``[3, height, width]``), or why the file is not a usable image."""
@@ -474,32 +503,26 @@ class SweepRunner:
             return str(error)
         return decoded.digest, to_tensor(resize_for_model(decoded.image, side, loaded.patch_size), loaded.mean, loaded.std)
 
-    def run(self, task: Task, prepared: tuple[list, list] | None = None) -> TaskResult:
+    def _cached(self, loaded: LoadedModel, digest: str) -> Trace | None:
+        return self.store.get(trace_key(loaded.key, digest, self.config.options())) if self.store is not None else None
+
+    def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One batch ``[batch, 3, height, width]``, in pinned memory when it feeds a GPU (a faster upload)."""
+        pixels = torch.stack(tensors)
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+
+    def run(self, task: Task, prepared: Prepared | None = None) -> TaskResult:
         """Rows of one task (``prepared``: the output of ``prepare`` when it ran ahead)."""
-        ready, failed = prepared if prepared is not None else self.prepare(task)
+        prepared = prepared if prepared is not None else self.prepare(task)
         loaded = self.model(task.model, task.checkpoint.weights)
-        traces = self._traces(loaded, ready)
-        tables = [trace_table(task, item, trace, loaded.fingerprint, self.config) for (item, _, _), trace in zip(ready, traces)]
+        traces = dict(prepared.cached)
+        for indices, pixels in prepared.batches:
+            captured = capture(loaded, pixels.to(self.device, non_blocking=True), antialias=self.config.antialias,
+                               precision=self.config.precision, attention=False)
+            traces.update(zip(indices, captured))
+        tables = [trace_table(task, item, traces[index], loaded.fingerprint, self.config) for index, item in enumerate(prepared.items)]
         table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-        return TaskResult(table=table, failed=tuple(failed), computed=len(ready))
-
-    def _traces(self, loaded: LoadedModel, ready: Sequence[tuple[ImageItem, str, torch.Tensor]]) -> list[Trace]:
-        """Cached traces where the store has them; one norms-only capture per input shape for the rest."""
-        options = self.config.options()
-        traces: list[Trace | None] = [self._cached(loaded, digest, options) for _, digest, _ in ready]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for index, (_, _, tensor) in enumerate(ready):
-            if traces[index] is None:
-                by_shape.setdefault(tuple(tensor.shape), []).append(index)
-        for indices in by_shape.values():
-            pixels = torch.stack([ready[i][2] for i in indices])  # [batch, 3, height, width]
-            captured = capture(loaded, pixels, antialias=self.config.antialias, precision=self.config.precision, attention=False)
-            for index, trace in zip(indices, captured):
-                traces[index] = trace
-        return traces
-
-    def _cached(self, loaded: LoadedModel, digest: str, options: CaptureOptions) -> Trace | None:
-        return self.store.get(trace_key(loaded.key, digest, options)) if self.store is not None else None
+        return TaskResult(table=table, failed=tuple(prepared.failed), computed=len(prepared.items))
 
 
 def run_local(tasks: Sequence[Task], runner: SweepRunner) -> Iterator[TaskResult]:
