@@ -152,15 +152,19 @@ def test_cli_several_models_and_json(tmp_path, capsys):
     (["--model", PLAIN, "--weights", "nothing/*.pth"], "No weights files match"),
     (["--model", "no_such_vit", "--weights", "random"], "Unknown model"),
     (["--model", PLAIN, "--weights", "random", "--threshold", "-1"], "Threshold"),
+    (["--model", PLAIN, "--weights", "random", "--size", "28"], "No readable image"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     images = tmp_path / "images"
-    if "No image files" not in message:
+    images.mkdir()
+    if message == "No readable image":
+        (images / "notes.txt").write_text("not an image")
+    elif message != "No image files":
         _images(images, 1)
-    else:
-        images.mkdir()
     assert main(["sweep", str(images), *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    if message == "No readable image":  # found only after trying: the progress bar came first
+        err = [line for line in err if not line.startswith("sweep:")]
     assert len(err) == 1 and message in err[0], err
 
 

@@ -216,7 +216,8 @@ def run_sweep(
         should_stop: Polled between tasks; True stops the sweep after the tasks in flight.
 
     Raises:
-        OptionError, UnknownModelError, WeightsError, ImageError: bad input, before any work.
+        OptionError, UnknownModelError, WeightsError: bad input, before any work.
+        ImageError: no file found, or (after the run) not one of them a readable image.
     """
     if batch < 1:
         raise OptionError(f"Batch must be at least 1, not {batch}.")
@@ -245,6 +246,8 @@ def run_sweep(
         results = run_local(tasks, SweepRunner(config, resolve_device(device), store))
     computed, failed, stopped = write_results(results, out, sum(len(task.images) for task in tasks), progress, should_stop)
     elapsed = time.perf_counter() - started
+    if not computed and not skipped and not stopped and len(failed) == len(items):
+        raise ImageError(f"No readable image among the {len(items)} files at '{images}'; e.g. {next(iter(failed.values()))}")
     return SweepSummary(rows=count_rows(out), computed=computed, skipped=skipped,
                         images_per_s=computed / elapsed if computed and elapsed > 0 else 0.0,
                         failed=[{"image": image, "reason": reason} for image, reason in failed.items()],
