@@ -1,8 +1,9 @@
 """Calibration of ``auto``: how often it finds planted high modes and how often it invents one.
 
 ``python -m vitlens.calibrate [--draws N] [--seed S] [--grids 16x16 37x37 ...] [--families ...]``
-prints one Markdown row per (family, grid): the share of draws where a threshold was found,
-the share of true outliers recovered, and the share of draws where a bulk token was flagged.
+prints one Markdown row per (family, grid): the share of draws where a true outlier was flagged
+(for families without outliers: any token), the share of true outliers recovered, and the share
+of draws where a bulk token was flagged; it exits 1 when a row misses the issue's target.
 Every draw samples the family's parameters in its stated ranges (nothing is hand-picked).
 ``--detector FILE.py:FUNCTION`` measures another threshold function (norms -> float or None),
 e.g. an older version of ``auto_threshold``. The table is in docs/outliers.md.
@@ -131,8 +132,8 @@ FAMILIES = (
     Family("lognormal_5_10x", "lognormal bulk (sigma 0.15-0.3); 1-27 tokens at 5-10x the median", True, _lognormal_5_10),
     Family("sparse_mode", "bulk whose right tail reaches 2.6-2.8x the median; 1-3% of tokens (at least 3) "
            "log-uniform over 3.5-10x the median", True, _sparse_mode),
-    Family("sparse_mode_between", "sparse_mode plus 1-3 in-between tokens (log-uniform in the gap, 1.05x clear of both sides; not scored)",
-           True, _sparse_mode_between),
+    Family("sparse_mode_between", "sparse_mode plus 1-3 in-between tokens (log-uniform in the gap, 1.05x clear "
+           "of both sides; not scored)", True, _sparse_mode_between),
     Family("quarter_to_half", "25-50% of tokens at 5-10x the median over a lognormal bulk (sigma 0.1-0.3)",
            True, _quarter_to_half, grids=SMALL_GRIDS),
     Family("pooled_lognormal_5_10x", "2-8 images of lognormal_5_10x concatenated, each image's bulk median 18-22",
@@ -188,7 +189,7 @@ def run_cell(family: Family, grid: tuple[int, int], draws: int, seed: int,
 
 def table(cells: list[Cell]) -> str:
     """The Markdown table of ``cells``."""
-    lines = ["| family | grid | draws | threshold found | outliers recovered | draws with a bulk token flagged | target met |",
+    lines = ["| family | grid | draws | found in | outliers recovered | draws with a bulk token flagged | target met |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for cell in cells:
         recovered = f"{cell.recovered:.1%}" if cell.family.positive else "-"

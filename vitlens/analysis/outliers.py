@@ -2,36 +2,34 @@
 
 How ``auto`` decides (``decide_threshold``)
 -------------------------------------------
-Outliers are the tokens of a separate *high mode* of the patch-token norms. The question
-"is there one?" is asked of the upper tail of the bulk, in log norm, not of its spread:
+Outliers are the tokens of a separate *high mode* of the patch-token norms. Whether there is one
+is asked of the bulk's own upper tail, in log norm, not of its spread:
 
-1. Sort the finite log norms in decreasing order, ``y_1 >= y_2 >= ... >= y_n`` (non-finite
-   norms are dropped and counted; a NaN cell is never flagged).
-2. For every candidate split ``k`` (the ``k`` largest are the high mode, ``k <= n / 2``) compare
-   two Hill estimates of the tail's scale: ``H_k``, the mean log excess of the ``k`` candidates
-   over the largest bulk token, and ``mu_k``, the same quantity read from the next ``M``
-   bulk tokens (``M ~ sqrt(n)``). Both are means of the normalised spacings
-   ``i (y_i - y_(i+1))``. If the upper tail is exponential in log norm (a Pareto / power-law
-   tail: the heaviest a unimodal norm distribution plausibly has), those spacings are
-   independent and identically distributed (Renyi), so ``H_k / mu_k`` follows an
-   ``F(2k, 2M)`` law and its upper tail gives an exact p-value per split.
-3. Take the most significant split among those that are also *visibly* a separate mode
-   (lowest candidate at least ``MIN_MEDIAN_RATIO`` x the bulk median and ``MIN_GAP_RATIO`` x
-   the largest bulk token), and accept it when its p-value is below ``ALPHA`` divided by the
-   number of candidates tested in effect (``log2 n``, measured on Pareto samples, see
-   docs/outliers.md). The threshold is the geometric mean of the two norms around the split.
+1. Non-finite norms are dropped and counted. A NaN cell is never flagged (an infinite one is, when
+   there is a threshold). The finite log norms are sorted decreasingly, ``y_1 >= ... >= y_n``.
+2. Every split ``k`` (the ``k`` largest above it, ``k <= n / 2``) is a candidate. If the upper tail
+   is exponential in log norm (a Pareto tail, the heaviest a unimodal norm distribution plausibly
+   has), the normalised spacings ``D_i = i (y_i - y_(i+1))`` are independent with one mean ``mu``
+   (Renyi). ``mu_k`` is their mean over the ``M = TAIL_FACTOR sqrt(n)`` bulk spacings below the
+   split (a Hill estimate, floored at ``MIN_TAIL_SCALE``), and two exact tests ask whether the
+   candidates continue that tail: the gap, ``D_k / mu_k ~ F(2, 2M)``, and the height (mean log
+   excess of the candidates over the largest bulk norm), ``H_k / mu_k ~ F(2k, 2M)``. The split's
+   p-value is twice the smaller one.
+3. A split must also be a visible mode: its lowest norm at least ``MIN_GAP_RATIO`` x the largest
+   bulk norm and ``MIN_MEDIAN_RATIO`` x the bulk median. Among visible splits with a p-value
+   below ``ALPHA / log2 n`` (the scan's effective number of tests, set on Pareto samples), the one
+   with the clearest gap (``D_k`` over a median-based bulk scale, robust to a lone large bulk
+   token) is the threshold, at the geometric mean of the two norms around it.
+4. Under ``MIN_TAIL_TOKENS`` norms (grids up to 5x5) there is no tail to fit: the widest log gap in
+   the top half is accepted when it is at least ``TINY_GAP_RATIO``.
 
-Why this rule: the previous one (widest gap in the top quarter against the spread of the
-*low* bulk) looked at a single gap, which is often *inside* a sparse high mode spread over
-3.5-10x the median, and measured it against a spread that says nothing about how far a bulk's
-tail reaches; it missed most 518 px images and any mode above a quarter of the tokens. The
-tail test judges the whole candidate mode (its gap *and* its height, through ``H_k``) against
-the bulk's own tail. It is exact on Pareto tails and conservative on lighter ones (normal,
-lognormal, gamma bulks, whose log tails fall faster than exponential), which is what the
-calibration table in docs/outliers.md shows (``python -m vitlens.calibrate``).
-
-Grids under ``MIN_TAIL_TOKENS`` tokens (2x2, 3x3) are too small to fit a tail: there the widest
-log gap among the top half is accepted when it is at least ``TINY_GAP_RATIO`` wide.
+Why this rule: the previous one (widest gap in the top quarter against the spread of the *low*
+bulk) looked at one gap, which is often *inside* a sparse high mode spread over 3.5-10x the
+median, and judged it against a spread that says nothing about how far the bulk's tail reaches;
+it missed most 518 px images and any mode above a quarter of the tokens. The tail tests judge the
+candidate mode's gap and height against the bulk's own tail: exact on Pareto tails, conservative
+on lighter ones (normal, lognormal, gamma bulks fall faster than exponential in log norm).
+docs/outliers.md has the calibration table (``python -m vitlens.calibrate``) and where it falls short.
 """
 from __future__ import annotations
 
