@@ -238,15 +238,16 @@ def _tail_decision(log_norms: np.ndarray, k: int, p_value: float | None, needed:
                    bulk_median: float, dropped: int) -> ThresholdDecision:
     low, high = math.exp(log_norms[k]), math.exp(log_norms[k - 1])
     accepted = visible and p_value < needed
-    split = f"gap {high / low:.2f}x between {low:.4g} and {high:.4g}, {k} token{'s' * (k > 1)} above"
+    gap, above = f"gap {high / low:.2f}x between {low:.4g} and {high:.4g}", f"{k} token{'s' * (k > 1)} above"
     test = f"bulk-tail p-value {p_value:.1g} (needs < {needed:.1g})" if visible else ""
     if accepted:
-        reason = f"{split} at {high / math.exp(bulk_median):.1f}x the bulk median; {test}"
+        reason = f"{gap}, {above} at {high / math.exp(bulk_median):.1f}x the bulk median; {test}"
     elif not visible:
-        reason = (f"no separate high mode: the widest gap, {split}, is not a visible mode (needs {MIN_GAP_RATIO:g}x and "
-                  f"{MIN_MEDIAN_RATIO:g}x the bulk median; has {high / math.exp(bulk_median):.2f}x)")
+        reason = (f"no separate high mode: the widest {gap} ({above}) is not a visible mode (needs a "
+                  f"{MIN_GAP_RATIO:g}x gap and {MIN_MEDIAN_RATIO:g}x the bulk median; has "
+                  f"{high / math.exp(bulk_median):.2f}x the median)")
     else:
-        reason = f"no separate high mode: {split}; the bulk's own tail explains them: {test}"
+        reason = f"no separate high mode: {gap}, {above}; the bulk's own tail explains them: {test}"
     return ThresholdDecision(math.sqrt(low * high) if accepted else None, low, high, k, "tail p-value", p_value,
                              needed, accepted, dropped, reason)
 
