@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from .interventions import TestTimeRegister, apply_test_time_register
 from .layout import TokenLayout
 from .models import LoadedModel
 
@@ -71,6 +72,7 @@ def capture(
         state_layers: Sequence[int] = (),
         precision: str = "fp32",
         attention: bool = True,
+        test_time_register: TestTimeRegister | None = None,
 ) -> list[Trace]:
     """Run one forward pass over a batch and record a ``Trace`` per image.
 
@@ -82,15 +84,20 @@ def capture(
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; norms and softmax stay float32).
         attention: Record prefix attention; False skips its computation and host copy (sweeps
             need only norms).
+        test_time_register: Run with this extra register token (``vitlens.interventions``); the
+            trace counts it as the last register.
     """
     model = loaded.model
     state_layers = sorted({_check_layer(layer, len(model.blocks)) for layer in state_layers})
     input_size = tuple(pixels.shape[-2:])
+    extra = 0 if test_time_register is None else 1
     with loaded.lock, input_resolution(model, input_size, antialias) as grid, \
-            record(model, model.num_prefix_tokens, state_layers, attention) as recorder:
+            apply_test_time_register(model, test_time_register), \
+            record(model, model.num_prefix_tokens + extra, state_layers, attention) as recorder:
         with torch.inference_mode(), _autocast(loaded.device, precision):
             model.forward_features(pixels.to(loaded.device))
-    return recorder.traces(TokenLayout.from_model(model, grid), input_size)
+        layout = TokenLayout.from_model(model, grid).with_test_time_registers(extra)
+    return recorder.traces(layout, input_size)
 
 
 def _check_layer(layer: int, num_layers: int) -> int:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vitlens inspect|sweep|models|fetch|worker``."""
+"""Command line: ``python -m vitlens inspect|sweep|neurons|models|fetch|worker``."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +10,12 @@ from typing import Sequence
 
 import numpy as np
 
+from .analysis.neurons import DEFAULT_TOP, ImageBatches, RegisterNeurons, read_neurons, score_neurons, write_neurons
 from .analysis.outliers import LayerOutliers, layer_outliers, parse_threshold
 from .engine import Engine, TraceResult, resolve_device
 from .errors import OptionError, VitlensError
-from .images import read_image_file
+from .images import find_images, read_image_file
+from .interventions import PATCH_VALUES, REGISTER_INITS, TestTimeRegister, check_register
 from .models import PRESETS, load_model
 from .settings import Settings
 from .store import CaptureOptions, TraceStore
@@ -51,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     inspect.add_argument("--save", type=Path, help="write the arrays to this .npz file")
     inspect.add_argument("--json", action="store_true", help="print a JSON summary")
+    inspect.add_argument("--test-time-register", type=Path, metavar="FILE.json",
+                         help="run with one extra register token that takes over the neurons listed in FILE (from `neurons`)")
+    inspect.add_argument("--register-init", choices=REGISTER_INITS, default="zeros",
+                         help="how the test-time register starts: zeros (default, as the authors' DINOv2 code) or the patch mean (their OpenCLIP code)")
+    inspect.add_argument("--register-patches", choices=PATCH_VALUES, default="zero",
+                         help="what the patches' activations of those neurons become: zero (default) or the mean of their lower 75%%")
     inspect.set_defaults(run=_inspect)
 
     sweep = commands.add_parser("sweep", help="images x models x weights (checkpoint series) -> Parquet rows per layer")
@@ -67,6 +75,21 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     sweep.add_argument("--json", action="store_true", help="print a JSON summary")
     sweep.set_defaults(run=_sweep)
+
+    neurons = commands.add_parser("neurons", help="rank MLP neurons by their activation at outlier tokens (register neurons)")
+    neurons.add_argument("images", help="a folder (searched recursively) or a quoted glob of images")
+    neurons.add_argument("--model", required=True, help="a preset (see `models`) or any timm ViT name")
+    neurons.add_argument("--weights", default="hub", help="hub (default), random, synthetic, or a .safetensors/.pth/.pt file")
+    neurons.add_argument("--max-layer", type=int, default=None, help="last block whose neurons are ranked (default: the detector layer)")
+    neurons.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"neurons kept (default {DEFAULT_TOP})")
+    neurons.add_argument("--threshold", default="auto", help="outlier norm threshold: auto (default) or a number")
+    neurons.add_argument("--detector-layer", type=int, default=None, help="block whose outliers count (default: the second-to-last)")
+    neurons.add_argument("--sparse", action="store_true", help="rank only neurons that stay below 0.5 on at least half the tokens")
+    neurons.add_argument("--size", type=int, default=None, help="longer input side in pixels (default: the model's own)")
+    neurons.add_argument("--batch", type=int, default=8, help="images per forward pass (default 8)")
+    neurons.add_argument("--out", type=Path, help="write the neuron list to this JSON file")
+    neurons.add_argument("--json", action="store_true", help="print the neuron list as JSON")
+    neurons.set_defaults(run=_neurons)
 
     models = commands.add_parser("models", help="list the model presets")
     models.set_defaults(run=_models)
@@ -152,7 +175,9 @@ def _inspect(args: argparse.Namespace, settings: Settings) -> int:
         check_save_path(args.save)
     image = read_image_file(args.image, max_pixels=settings.max_pixels, max_bytes=settings.max_image_bytes)
     engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
-    options = CaptureOptions(side=args.size, antialias=not args.no_antialias, precision=args.precision)
+    register = _test_time_register(args, engine) if args.test_time_register else None
+    options = CaptureOptions(side=args.size, antialias=not args.no_antialias, precision=args.precision,
+                             test_time_register=register)
     result = engine.traces([image], args.model, args.weights, options)[0]
     outliers = layer_outliers(result.trace, threshold)
     summary = inspect_summary(args, result, outliers)
@@ -160,6 +185,44 @@ def _inspect(args: argparse.Namespace, settings: Settings) -> int:
         save_npz(args.save, result, outliers)
         summary["saved"] = str(args.save.resolve())
     print(json.dumps(summary, indent=2) if args.json else _format_table(summary))
+    return 0
+
+
+def _test_time_register(args: argparse.Namespace, engine: Engine) -> TestTimeRegister:
+    """The register of ``--test-time-register``, checked against the model (NeuronFileError/OptionError otherwise)."""
+    neurons = read_neurons(args.test_time_register)
+    neurons.check_model(args.model)
+    register = TestTimeRegister(neurons.pairs(), init=args.register_init, patch_values=args.register_patches)
+    check_register(engine.model(args.model, args.weights).model, register)
+    return register
+
+
+def _neurons(args: argparse.Namespace, settings: Settings) -> int:
+    threshold = parse_threshold(args.threshold)
+    settings.check_side(args.size)
+    if args.top < 1 or args.batch < 1:
+        raise OptionError("--top and --batch must be at least 1.")
+    paths = find_images(args.images)
+    loaded = Engine(device=settings.device).model(args.model, args.weights)
+    batches = ImageBatches(loaded, paths, side=args.size, batch=args.batch, max_pixels=settings.max_pixels)
+    scores = score_neurons(loaded, batches, detector_layer=args.detector_layer, max_layer=args.max_layer,
+                           threshold=threshold, sparse=args.sparse)
+    if scores.num_images == 0:
+        raise OptionError(f"None of the {len(paths)} files in '{args.images}' is a readable image.")
+    if scores.images_with_outliers == 0:
+        raise OptionError(f"No image has outliers at layer {scores.detector_layer}: lower --threshold or choose another "
+                          "--detector-layer.")
+    found = RegisterNeurons(model=args.model, weights=str(args.weights), neurons=tuple(scores.top(args.top)))
+    if args.out:
+        write_neurons(args.out, found)
+    if args.json:
+        print(json.dumps(found.to_json(), indent=2))
+    else:
+        print(f"{args.model} ({args.weights}): outliers at layer {scores.detector_layer} in {scores.images_with_outliers} of "
+              f"{scores.num_images} images ({len(batches.failed)} unreadable files skipped); blocks 0-{scores.max_layer}")
+        print(f"{'rank':>4} {'layer':>5} {'neuron':>6} {'score':>10}")
+        for rank, neuron in enumerate(found.neurons, 1):
+            print(f"{rank:>4} {neuron.layer:>5} {neuron.neuron:>6} {neuron.score:>10.3f}")
     return 0
 
 

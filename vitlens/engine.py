@@ -140,13 +140,15 @@ class Engine:
         The size that fit is remembered per model, input shape and precision, so later requests
         start there instead of running out of memory again.
         """
-        fit = (loaded.key, tuple(tensors[indices[0]].shape), options.precision, tuple(options.state_layers))
+        fit = (loaded.key, tuple(tensors[indices[0]].shape), options.precision, tuple(options.state_layers),
+               options.test_time_register is not None)
         batch_size, start = min(self.max_batch, self._fits.get(fit, self.max_batch)), 0
         while start < len(indices):
             batch = indices[start:start + batch_size]
             try:
                 traces = capture(loaded, torch.stack([tensors[i] for i in batch]), antialias=options.antialias,
-                                 state_layers=options.state_layers, precision=options.precision)
+                                 state_layers=options.state_layers, precision=options.precision,
+                                 test_time_register=options.test_time_register)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise

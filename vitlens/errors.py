@@ -31,3 +31,7 @@ class StorageError(VitlensError):
 
 class DataError(VitlensError):
     """A data set cannot answer the question asked (wrong folder layout, too few classes or outliers)."""
+
+
+class NeuronFileError(VitlensError):
+    """A register-neuron file is unreadable or does not fit the model it is applied to."""

@@ -1,7 +1,7 @@
 """Where each token sits in the sequence: [cls, registers..., patches row-major]."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from timm.models.vision_transformer import VisionTransformer
@@ -16,12 +16,15 @@ class TokenLayout:
         num_registers: Register tokens after the class (and distillation) token.
         grid: Patch grid (rows, cols) of this input size.
         num_distill: 1 for DeiT's distillation token, right after the class token, else 0.
+        num_test_time: Of the registers, how many were added at test time (the last ones;
+            ``vitlens.interventions``), not trained.
     """
 
     num_cls: int
     num_registers: int
     grid: tuple[int, int]
     num_distill: int = 0
+    num_test_time: int = 0
 
     @classmethod
     def from_model(cls, model: VisionTransformer, grid: tuple[int, int]) -> TokenLayout:
@@ -33,6 +36,12 @@ class TokenLayout:
             raise ValueError(f"{type(model).__name__} has {model.num_prefix_tokens} prefix tokens, not "
                              f"{layout.num_cls} class + {layout.num_distill} distillation + {layout.num_registers} register tokens")
         return layout
+
+    def with_test_time_registers(self, count: int) -> TokenLayout:
+        """This layout with ``count`` more registers, added at test time after the trained ones."""
+        if not count:
+            return self
+        return replace(self, num_registers=self.num_registers + count, num_test_time=self.num_test_time + count)
 
     @property
     def num_prefix(self) -> int:
@@ -59,8 +68,11 @@ class TokenLayout:
         return slice(self.num_prefix, self.num_tokens)
 
     def prefix_names(self) -> list[str]:
-        """Names of the prefix tokens in order: ``cls``, ``dist``, ``reg0``, ``reg1``, ..."""
-        return ["cls"] * self.num_cls + ["dist"] * self.num_distill + [f"reg{i}" for i in range(self.num_registers)]
+        """Names of the prefix tokens in order: ``cls``, ``dist``, ``reg0``, ``reg1``, ..., then ``ttr0``, ... for
+        test-time registers."""
+        trained = self.num_registers - self.num_test_time
+        return (["cls"] * self.num_cls + ["dist"] * self.num_distill + [f"reg{i}" for i in range(trained)]
+                + [f"ttr{i}" for i in range(self.num_test_time)])
 
     def patch_grid(self, values: np.ndarray) -> np.ndarray:
         """Patch-token values ``[..., token]`` (all tokens) as ``[..., rows, cols]``."""

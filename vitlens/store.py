@@ -20,6 +20,7 @@ import diskcache
 
 from .capture import CAPTURE_VERSION, Trace
 from .errors import StorageError
+from .interventions import TestTimeRegister
 
 log = logging.getLogger(__name__)
 DEFAULT_SIZE_LIMIT = 4 * 2**30  # bytes; least recently used traces are evicted beyond it
@@ -37,20 +38,23 @@ class CaptureOptions:
         antialias: Antialiased position-embedding resampling when the grid changes.
         precision: ``fp32``, ``bf16`` or ``fp16``.
         state_layers: Blocks whose token vectors are kept (for embeddings).
+        test_time_register: Run with this extra register (``vitlens.interventions``); None: the model as it is.
     """
 
     side: int | None = None
     antialias: bool = True
     precision: str = "fp32"
     state_layers: tuple[int, ...] = ()
+    test_time_register: TestTimeRegister | None = None
 
 
 def trace_key(model_key: str, image_digest: str, options: CaptureOptions) -> str:
     """Cache key of one trace (``model_key`` names architecture and weights, so also the native size)."""
     layers = ",".join(map(str, sorted(set(options.state_layers))))
     side = options.side or "native"
+    register = f"/ttr{options.test_time_register.key()}" if options.test_time_register else ""
     return (f"trace/v{CAPTURE_VERSION}/{model_key}/{image_digest}/side{side}/aa{int(options.antialias)}"
-            f"/{options.precision}/states[{layers}]")
+            f"/{options.precision}/states[{layers}]{register}")
 
 
 class TraceStore:
