@@ -19,6 +19,7 @@ from vitlens.analysis.outliers import LayerOutliers, layer_outliers
 from vitlens.capture import Trace
 from vitlens.errors import HubUnavailableError, OptionError, VitlensError, WeightsError
 from vitlens.images import DecodedImage
+from vitlens.interventions import TestTimeRegister
 from vitlens.store import CaptureOptions
 from vitlens.synthetic import DEMO_CELLS, SYNTHETIC_SIDE, demo_layer
 
@@ -37,10 +38,17 @@ def _hub_failures() -> dict[str, tuple[float, str]]:
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """A model and its weights: ``hub``, ``synthetic``, ``random``, ``file:<name>`` or ``upload:<name>``."""
+    """A model and its weights: ``hub``, ``synthetic``, ``random``, ``file:<name>`` or ``upload:<name>``;
+    ``register``: run it with this test-time register (``vitlens.interventions``)."""
 
     name: str
     weights: str
+    register: TestTimeRegister | None = None
+
+    @property
+    def key(self) -> str:
+        register = f"|ttr{self.register.key()}" if self.register else ""
+        return f"{self.name}|{weights_id(self.weights)}{register}"
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ class Request:
 
     @property
     def key(self) -> str:
-        parts = [f"{m.name}|{weights_id(m.weights)}" for m in self.models]
+        parts = [m.key for m in self.models]
         return f"{settings().cache_dir}|{';'.join(parts)}|{','.join(self.images)}|{self.side}"
 
 
@@ -78,17 +86,32 @@ class ModelRun:
     @property
     def label(self) -> str:
         """Full label, for panel titles: says when weights are random or the synthetic demo."""
-        return f"{self.choice.name} ({weights_label(self.weights, self.num_registers > 0)})"
+        return f"{self.choice.name} ({weights_label(self.weights, self.trained_registers > 0)}){self._register_words}"
 
     @property
     def short(self) -> str:
         """Short label, for legends."""
-        words = "random weights" if self.weights == "random" else weights_label(self.weights, self.num_registers > 0)
-        return f"{self.choice.name} ({words})"
+        words = "random weights" if self.weights == "random" else weights_label(self.weights, self.trained_registers > 0)
+        return f"{self.choice.name} ({words}){self._register_words}"
+
+    @property
+    def name(self) -> str:
+        """The model's name, and whether it runs with a test-time register."""
+        return f"{self.choice.name}{self._register_words}"
+
+    @property
+    def _register_words(self) -> str:
+        return " with test-time register" if self.choice.register else ""
 
     @property
     def num_registers(self) -> int:
+        """Registers in the token sequence, a test-time register included."""
         return self.traces[0].layout.num_registers
+
+    @property
+    def trained_registers(self) -> int:
+        layout = self.traces[0].layout
+        return layout.num_registers - layout.num_test_time
 
     @property
     def num_layers(self) -> int:
@@ -122,8 +145,8 @@ class Captured:
 
 def synthetic_note(result: Captured) -> str:
     """What the synthetic demo is, in the words of this request's models (markdown)."""
-    planted = [run for run in result.runs if run.weights == "synthetic" and not run.num_registers]
-    clean = [run for run in result.runs if run.weights == "synthetic" and run.num_registers]
+    planted = [run for run in result.runs if run.weights == "synthetic" and not run.trained_registers]
+    clean = [run for run in result.runs if run.weights == "synthetic" and run.trained_registers]
     parts = ["**Synthetic demo, not a trained model.**"]
     if planted:
         run = planted[0]
@@ -188,7 +211,7 @@ def _capture(request: Request, state_layers: tuple[int, ...], job: Job) -> Captu
             job.report(index * len(images) + done, total, f"{name}: {done} of {count} images")
 
         job.report(index * len(images), total, f"loading {choice.name}")
-        options = CaptureOptions(side=request.side, state_layers=state_layers)
+        options = CaptureOptions(side=request.side, state_layers=state_layers, test_time_register=choice.register)
         failure = _hub_failures().get(choice.name)
         if choice.weights == "hub" and failure and time.monotonic() - failure[0] < HUB_RETRY_S:
             (weights, traces), note = _offline_traces(images, choice.name, options, progress), failure[1]
@@ -201,7 +224,9 @@ def _capture(request: Request, state_layers: tuple[int, ...], job: Job) -> Captu
                     raise
                 _hub_failures()[choice.name] = (time.monotonic(), str(error))
                 (weights, traces), note = _offline_traces(images, choice.name, options, progress), str(error)
-        ids = tuple(f"{choice.name}|{weights_id(weights)}|{image.digest}|{request.side}|{state_layers}" for image in images)
+        register = f"|ttr{choice.register.key()}" if choice.register else ""
+        ids = tuple(f"{choice.name}|{weights_id(weights)}{register}|{image.digest}|{request.side}|{state_layers}"
+                    for image in images)
         runs.append(ModelRun(choice=choice, weights=weights, note=note, traces=tuple(traces), ids=ids))
     return Captured(request=request, runs=tuple(runs))
 

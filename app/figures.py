@@ -448,3 +448,57 @@ class Table:
         for row in self.rows:
             writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, (float, np.floating)) else v) for v in row])
         return buffer.getvalue()
+
+
+def neuron_counts_figure(layers: Sequence[int], num_layers: int, height: int = 280) -> go.Figure:
+    """How many of the picked neurons sit in each block."""
+    counts = np.bincount(np.asarray(layers, dtype=int), minlength=num_layers)
+    fig = go.Figure(go.Bar(x=np.arange(num_layers), y=counts, marker_color=OUTLIER_COLOUR,
+                           hovertemplate="layer %{x}: %{y} neurons<extra></extra>"))
+    fig.update_xaxes(title_text="layer (block index, 0-based)", dtick=1 if num_layers <= 24 else 2)
+    fig.update_yaxes(title_text="picked neurons", rangemode="tozero")
+    fig.update_layout(height=height, margin=dict(l=60, r=10, t=20, b=50))
+    return fig
+
+
+def score_distribution_figure(scores: np.ndarray, cutoff: float | None, height: int = 280) -> go.Figure:
+    """Histogram of every scored neuron's score (log counts), the lowest picked score marked."""
+    fig = go.Figure(go.Histogram(x=scores.ravel(), nbinsx=80, marker_color=NORMAL_COLOUR,
+                                 hovertemplate="score %{x}: %{y} neurons<extra></extra>"))
+    if cutoff is not None:
+        fig.add_vline(x=cutoff, line=dict(color=OUTLIER_COLOUR, dash="dash"),
+                      annotation=dict(text="picked above", font=dict(color=OUTLIER_COLOUR)))
+    fig.update_xaxes(title_text="mean |activation| at outlier tokens")
+    fig.update_yaxes(title_text="neurons (log)", type="log")
+    fig.update_layout(height=height, margin=dict(l=60, r=10, t=20, b=50))
+    return fig
+
+
+def change_figure(series: dict[str, np.ndarray], height: int = 320, title: str = "1 - cosine (log)") -> go.Figure:
+    """1 - cosine per row (blocks, then the final norm), one line per series."""
+    fig = go.Figure()
+    for index, (label, values) in enumerate(series.items()):
+        rows = np.arange(values.size)
+        fig.add_trace(go.Scatter(x=rows, y=np.maximum(1 - values, 1e-9), mode="lines+markers", name=label,
+                                 line=dict(color=MODEL_COLOURS[index % len(MODEL_COLOURS)]),
+                                 hovertemplate="%{x}: %{y:.3g}<extra>%{fullData.name}</extra>"))
+    depth = max(values.size for values in series.values())
+    fig.update_xaxes(title_text=f"layer (block index; {depth - 1} = after the final norm)", dtick=1 if depth <= 25 else 2)
+    fig.update_yaxes(title_text=title, type="log")
+    fig.update_layout(height=height, margin=dict(l=60, r=10, t=20, b=50), legend=dict(orientation="h", y=-0.25, x=0))
+    return fig
+
+
+def sink_figure(masses: dict[str, np.ndarray], layers: Sequence[int], height: int = 360) -> go.Figure:
+    """Attention mass each token group receives from all queries, mean over heads, per layer."""
+    colours = {"cls": CLS_COLOUR, "registers": REGISTER_COLOUR, "test-time register": "#ff7f0e",
+               "outliers": OUTLIER_COLOUR, "patches": NORMAL_COLOUR}
+    fig = go.Figure()
+    for group, values in masses.items():
+        fig.add_trace(go.Scatter(x=list(layers), y=values.mean(axis=1), mode="lines+markers", name=group,
+                                 line=dict(color=colours.get(group)), customdata=values.max(axis=1),
+                                 hovertemplate="layer %{x}: %{y:.3f} (max head %{customdata:.3f})<extra>%{fullData.name}</extra>"))
+    fig.update_xaxes(title_text="layer (block index, 0-based)", dtick=1)
+    fig.update_yaxes(title_text="attention received (mean over queries and heads)", range=[0, 1])
+    fig.update_layout(height=height, margin=dict(l=60, r=10, t=20, b=50), legend=dict(orientation="h", y=-0.2, x=0))
+    return fig

@@ -60,12 +60,12 @@ def norm_maps(request: Request, ref: str, layer: int, post_norm: bool, threshold
             values, outliers = trace.patch_norms()[layer], outliers_of(run, index, threshold).layer(layer)
             where = f"layer {layer}"
         threshold_text = "no high mode" if outliers.threshold is None else f"threshold {outliers.threshold:.4g}"
-        title = (f"{run.choice.name}<br><sup>{weights_label(run.weights, run.num_registers > 0)}<br>"
+        title = (f"{run.name}<br><sup>{weights_label(run.weights, run.trained_registers > 0)}<br>"
                  f"{where} · {outliers.count} outliers ({threshold_text}) · {run.num_registers} registers</sup>")
         overlays.append(Overlay(title=title, values=values, image=display_uri(ref, trace), mask=outliers.mask, colorbar=kind))
         found.append(outliers)
         for (row, col), value in np.ndenumerate(values):
-            rows.append([run.choice.name, run.weights, image_name(ref), "post" if post_norm else layer, row, col,
+            rows.append([run.name, run.weights, image_name(ref), "post" if post_norm else layer, row, col,
                          float(value), bool(outliers.mask[row, col])])
     table = Table(["model", "weights", "image", "layer", "row", "col", "norm", "outlier"], rows)
     return NormMaps(overlays=overlays, outliers=found, table=table)
@@ -92,7 +92,7 @@ def histogram(request: Request, layers: Sequence[int], post_norm: bool, threshol
         cut = None if post_norm else threshold
         hist = _per_image_histogram(run.short, grids, cut) if per_image else _pooled_histogram(run.short, grids, cut)
         histograms.append(hist)
-        rows.append([run.choice.name, run.weights, "post" if post_norm else " ".join(map(str, layers)), hist.norms.size,
+        rows.append([run.name, run.weights, "post" if post_norm else " ".join(map(str, layers)), hist.norms.size,
                      hist.threshold, hist.count, hist.fraction, float(np.median(hist.norms)), float(hist.norms.max()),
                      hist.reason])
     table = Table(["model", "weights", "layers", "tokens", "threshold", "outliers", "fraction", "median", "max", "decision"],
@@ -127,7 +127,7 @@ def histogram_values(request: Request, layers: Sequence[int], post_norm: bool) -
         for ref, trace in zip(request.images, run.traces):
             grids = {"post": trace.patch_norms(post_norm=True)} if post_norm else {l: trace.patch_norms()[l] for l in layers}
             for layer, grid in grids.items():
-                rows += [[run.choice.name, image_name(ref), layer, r, c, float(v)] for (r, c), v in np.ndenumerate(grid)]
+                rows += [[run.name, image_name(ref), layer, r, c, float(v)] for (r, c), v in np.ndenumerate(grid)]
     return Table(["model", "image", "layer", "row", "col", "norm"], rows)
 
 
@@ -152,7 +152,7 @@ def emergence(request: Request, ref: str | None, threshold: float | None) -> Eme
         curve = EmergenceCurve(label=run.short, count=count, fraction=count / patches,
                                norm_max=flat.max(axis=1), norm_median=np.median(flat, axis=1))
         curves.append(curve)
-        rows += [[run.choice.name, run.weights, layer, int(count[layer]), float(curve.fraction[layer]),
+        rows += [[run.name, run.weights, layer, int(count[layer]), float(curve.fraction[layer]),
                   float(curve.norm_max[layer]), float(curve.norm_median[layer])] for layer in range(depth)]
     table = Table(["model", "weights", "layer", "outliers", "fraction", "norm_max", "norm_median"], rows)
     return EmergenceView(curves=curves, table=table)
@@ -185,14 +185,14 @@ def attention(request: Request, ref: str, layer: int, head: int | None, threshol
         check_layer(layer, trace.num_layers)
         maps = attention_maps(trace, layer, head)
         found = outliers_of(run, index, threshold)
-        overlays = [Overlay(title=f"{run.choice.name}: <b>{name}</b> ({maps.patch_mass[i]:.0%} on patches)", values=maps.maps[i],
+        overlays = [Overlay(title=f"{run.name}: <b>{name}</b> ({maps.patch_mass[i]:.0%} on patches)", values=maps.maps[i],
                             image=display_uri(ref, trace), mask=found.masks[layer],
                             colorbar=f"attention (layer {layer}, {head_text})", value_name="attention")
                     for i, name in enumerate(maps.names)]
         mass = cls_outlier_attention(trace, found, head) if trace.layout.cls_index is not None else None
         panels.append(AttentionPanel(label=run.short, overlays=overlays, num_registers=run.num_registers, cls_mass=mass))
         for i, name in enumerate(maps.names):
-            rows += [[run.choice.name, image_name(ref), layer, head_text, name, r, c, float(v)] for (r, c), v in np.ndenumerate(maps.maps[i])]
+            rows += [[run.name, image_name(ref), layer, head_text, name, r, c, float(v)] for (r, c), v in np.ndenumerate(maps.maps[i])]
     table = Table(["model", "image", "layer", "head", "query", "row", "col", "attention"], rows)
     return AttentionView(panels=panels, table=table)
 
@@ -229,13 +229,13 @@ def embedding(request: Request, layer: int, method: str, threshold: float | None
         found = _pca(run.ids, layer, threshold, run.traces)
     else:
         board = boards()["analysis"]
-        job = watch(board.run(f"umap|{run.ids}|{layer}|{threshold}", f"UMAP of {run.choice.name} layer {layer}",
+        job = watch(board.run(f"umap|{run.ids}|{layer}|{threshold}", f"UMAP of {run.name} layer {layer}",
                               lambda job: _umap(job, run.traces, layer, threshold)))
         found = board.result(job)
     names = [image_name(ref) for ref in request.images]
-    rows = [[run.choice.name, names[i], r, c, float(n), bool(o), float(x), float(y)]
+    rows = [[run.name, names[i], r, c, float(n), bool(o), float(x), float(y)]
             for i, r, c, n, o, (x, y) in zip(found.image, found.row, found.col, found.norm, found.outlier, found.coords)]
-    rows += [[run.choice.name, names[i], None, None, None, name, float(x), float(y)]
+    rows += [[run.name, names[i], None, None, None, name, float(x), float(y)]
              for i, name, (x, y) in zip(found.prefix_image, found.prefix_names, found.prefix_coords)]
     table = Table(["model", "image", "row", "col", "norm", "outlier_or_token", "x", "y"], rows)
     return EmbeddingView(label=run.label, embedding=found, image_names=names, image_refs=list(request.images), table=table)

@@ -17,6 +17,8 @@ PAGES = [
     st.Page("views/probes.py", title="Linear probes", icon=":material/science:", url_path="probes"),
     st.Page("views/lost.py", title="Object discovery (LOST)", icon=":material/crop_free:", url_path="lost"),
     st.Page("views/report.py", title="Report", icon=":material/description:", url_path="report"),
+    st.Page("views/interventions.py", title="Interventions", icon=":material/build:", url_path="interventions"),
+    st.Page("views/ablations.py", title="Ablations and sinks", icon=":material/biotech:", url_path="ablations"),
     st.Page("views/about.py", title="About / how to read", icon=":material/menu_book:", url_path="about"),
 ]
 

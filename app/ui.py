@@ -17,6 +17,7 @@ import auth
 import data
 import figures
 from data import ImageError, OptionError, VitlensError, WeightsError
+from vitlens.interventions import TestTimeRegister
 
 T = TypeVar("T")
 DEFAULT_MODEL = "dinov2_vits14_reg4"
@@ -26,7 +27,9 @@ WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "synthetic": "synthe
                 "random": "random weights", "file": "local weights file", "upload": "upload a weights file"}
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "embed_method",
-             "embed_model", "emergence_scope", "figure_format", "shared_scale")  # page widgets whose values follow the user
+             "embed_model", "emergence_scope", "figure_format", "shared_scale",
+             "register_init", "register_patches", "test_time_register", "neuron_detector", "neuron_max_layer",
+             "neuron_top", "neuron_sparse", "sink_layers")  # page widgets whose values follow the user
 MAIN_WIDTH = 900  # pixels the main column gives figures in a 1400-pixel window (grid figures are drawn this wide)
 
 
@@ -201,6 +204,7 @@ def _model_and_images() -> data.Request | None:
     pair = data.pair_of(name)
     if pair:
         st.checkbox(f"Compare with {pair}", key="compare", help="The same model with/without registers, side by side.")
+    register = _register_control(name)
     weights, pair_weights = _weights_controls(pair)
     side = _side_control(patch)
     refs = _image_controls()
@@ -209,7 +213,24 @@ def _model_and_images() -> data.Request | None:
     models = [data.ModelChoice(name, weights)]
     if pair and state.get("compare", True):
         models.append(data.ModelChoice(pair, pair_weights))
+    if register is not None:
+        models.append(data.ModelChoice(name, weights, register))
     return data.Request(models=tuple(models), images=tuple(refs), side=side)
+
+
+def _register_control(name: str) -> TestTimeRegister | None:
+    """The "with test-time register" column: offered once a neuron list for this architecture is loaded
+    (Interventions page)."""
+    neurons = st.session_state.get("register_neurons")
+    if neurons is None or not neurons.fits(name):
+        return None
+    label = f"With test-time register ({len(neurons.neurons)} neurons)"
+    if not st.checkbox(label, key="test_time_register", help="A third column: the same model with one extra token that "
+                       "takes over the register neurons found on the Interventions page (Jiang et al. 2025)."):
+        return None
+    state = st.session_state
+    return TestTimeRegister(neurons.pairs(), init=state.get("register_init", "zeros"),
+                            patch_values=state.get("register_patches", "zero"))
 
 
 def _weights_controls(pair: str | None) -> tuple[str | None, str]:

@@ -176,3 +176,8 @@ def _display_uri(ref: str, input_size: tuple[int, int]) -> str:
 
 def display_uri(ref: str, trace: Trace) -> str:
     return _display_uri(ref, tuple(trace.input_size))
+
+
+def picture_uri(ref: str, input_size: tuple[int, int]) -> str:
+    """``display_uri`` for an input size without a trace."""
+    return _display_uri(ref, tuple(input_size))

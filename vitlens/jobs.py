@@ -44,6 +44,7 @@ from typing import Iterator, Sequence
 
 from .errors import StorageError, VitlensError
 from .images import DecodedImage, decode_image
+from .interventions import TestTimeRegister
 from .store import CaptureOptions
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,10 @@ class JobSpec:
                     antialias=_typed(options["antialias"], bool),
                     precision=_typed(options["precision"], str),
                     state_layers=tuple(_typed(layer, int) for layer in options["state_layers"]),
+                    test_time_register=_register(options.get("test_time_register")),
                 ),
             )
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, VitlensError) as error:
             raise MalformedJobError(f"The job is malformed ({type(error).__name__}: {str(error)[:80]}).") from error
         if not spec.images:
             raise MalformedJobError("The job has no images.")
@@ -155,6 +157,14 @@ class JobSpec:
     def group(self) -> str:
         """Jobs with the same group can run in one batch (same model, weights and options)."""
         return json.dumps([self.model, self.weights, asdict(self.options)], sort_keys=True)
+
+
+def _register(data: dict | None) -> TestTimeRegister | None:
+    """A ``TestTimeRegister`` from its ``asdict`` form (None stays None)."""
+    if data is None:
+        return None
+    neurons = tuple((_typed(layer, int), _typed(neuron, int)) for layer, neuron in data["neurons"])
+    return TestTimeRegister(neurons=neurons, init=_typed(data["init"], str), patch_values=_typed(data["patch_values"], str))
 
 
 def _typed(value, kind: type):

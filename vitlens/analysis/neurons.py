@@ -69,9 +69,10 @@ class NeuronScores:
     def max_layer(self) -> int:
         return self.scores.shape[0] - 1
 
-    def top(self, k: int) -> list[Neuron]:
-        """The ``k`` best neurons across all scored blocks, best first (ties: lower block, lower index)."""
-        flat = self.scores.ravel()
+    def top(self, k: int, max_layer: int | None = None) -> list[Neuron]:
+        """The ``k`` best neurons across blocks 0..max_layer (default: all scored), best first (ties: lower
+        block, lower index)."""
+        flat = self.scores[:None if max_layer is None else max_layer + 1].ravel()
         order = np.lexsort((np.arange(flat.size), -flat))[:k]
         width = self.scores.shape[1]
         return [Neuron(layer=int(i // width), neuron=int(i % width), score=float(flat[i])) for i in order]
@@ -93,14 +94,17 @@ class RegisterNeurons:
         """(block, neuron) of each neuron, in rank order."""
         return tuple((n.layer, n.neuron) for n in self.neurons)
 
+    def fits(self, name: str) -> bool:
+        """Whether the list was found on the architecture ``name``."""
+        return _architecture(self.model) == _architecture(name)
+
     def check_model(self, name: str) -> None:
         """Refuse a list found on another architecture than ``name``.
 
         Raises:
             NeuronFileError: the architectures differ (pretrained tags are ignored).
         """
-        mine, theirs = _architecture(self.model), _architecture(name)
-        if mine != theirs:
+        if not self.fits(name):
             raise NeuronFileError(f"The register neurons were found on '{self.model}', not on '{name}'.")
 
 

@@ -1,0 +1,119 @@
+"""View models of the Interventions and Ablations pages: register neurons, a test-time register's cost,
+replacement ablations, massive activations and attention sinks.
+
+These run forward passes with hooks, so they use this process's engine (never the worker queue)
+on the request's first model and images; results are cached per request and settings.
+"""
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from captures import Request
+from choices import weights_path
+from resources import engine
+from uploads import image, picture_uri
+from vitlens.analysis.neurons import NeuronScores, neuron_maps, score_neurons
+from vitlens.experiments import (ABLATIONS, AblationResult, AttentionSinks, MassiveActivations, RegisterCost, ablate,
+                                 attention_sinks, massive_activations, register_cost)
+from vitlens.images import resize_for_model, to_tensor
+from vitlens.interventions import TestTimeRegister
+from vitlens.models import LoadedModel
+
+
+def _model(request: Request, index: int = 0) -> LoadedModel:
+    choice = request.models[index]
+    return engine().model(choice.name, weights_path(choice.weights))
+
+
+def _batch(request: Request, loaded: LoadedModel, refs: tuple[str, ...]) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The images of ``refs`` with the first one's input shape, and their normalised pixels.  # [batch, 3, h, w]"""
+    tensors = {ref: to_tensor(resize_for_model(image(ref).image, request.side, loaded.patch_size), loaded.mean, loaded.std)
+               for ref in refs}
+    shape = tensors[refs[0]].shape
+    kept = tuple(ref for ref in refs if tensors[ref].shape == shape)
+    return kept, torch.stack([tensors[ref] for ref in kept])
+
+
+def _pixels(request: Request, loaded: LoadedModel, ref: str) -> torch.Tensor:
+    """One image's normalised pixels.  # [1, 3, h, w]"""
+    return _batch(request, loaded, (ref,))[1]
+
+
+def picture(request: Request, ref: str) -> str:
+    """The picture under the maps (a data URI at the model's input size)."""
+    loaded = _model(request)
+    return picture_uri(ref, tuple(_pixels(request, loaded, ref).shape[-2:]))
+
+
+@st.cache_data(max_entries=32, show_spinner="Scoring MLP neurons at the outliers…")
+def _scores(key: str, detector: int, threshold: float | None, sparse: bool, _request: Request) -> NeuronScores:
+    loaded = _model(_request)
+    batches = [_pixels(_request, loaded, ref) for ref in _request.images]
+    return score_neurons(loaded, batches, detector_layer=detector, max_layer=len(loaded.model.blocks) - 1,
+                         threshold=threshold, sparse=sparse)
+
+
+def neuron_scores(request: Request, detector: int, threshold: float | None, sparse: bool) -> NeuronScores:
+    """Scores of every neuron of every block of the first model over the request's images."""
+    return _scores(request.key, detector, threshold, sparse, request)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _maps(key: str, ref: str, neurons: tuple[tuple[int, int], ...], _request: Request):
+    loaded = _model(_request)
+    return neuron_maps(loaded, _pixels(_request, loaded, ref), neurons)
+
+
+def activation_maps(request: Request, ref: str, neurons: tuple[tuple[int, int], ...]):
+    """Each neuron's activation over the patches of one image.  # [neuron, row, col]"""
+    return _maps(request.key, ref, neurons, request)
+
+
+@st.cache_data(max_entries=32, show_spinner="Measuring the register's cost…")
+def _cost(key: str, ref: str, register: TestTimeRegister, threshold: float | None, _request: Request) -> RegisterCost:
+    loaded = _model(_request)
+    return register_cost(loaded, _pixels(_request, loaded, ref), register, threshold)
+
+
+def cost(request: Request, ref: str, register: TestTimeRegister, threshold: float | None) -> RegisterCost:
+    """What the register changes in CLS and in the patches outside the outliers, per block."""
+    return _cost(request.key, ref, register, threshold, request)
+
+
+@st.cache_data(max_entries=32, show_spinner="Running the four replacements…")
+def _ablations(key: str, index: int, layer: int, target: str, threshold: float | None,
+               _request: Request) -> tuple[tuple[str, ...], dict[str, AblationResult | str]]:
+    loaded = _model(_request, index)
+    refs, pixels = _batch(_request, loaded, _request.images)
+    results: dict[str, AblationResult | str] = {}
+    for mode in ABLATIONS:
+        if mode in ("mean", "shuffle") and pixels.shape[0] < 2:
+            results[mode] = "needs at least 2 images of the same shape"
+            continue
+        results[mode] = ablate(loaded, pixels, layer, target, mode, threshold)
+    return refs, results
+
+
+def ablations(request: Request, index: int, layer: int, target: str,
+              threshold: float | None) -> tuple[tuple[str, ...], dict[str, AblationResult | str]]:
+    """All four replacements of model ``index``'s ``target`` tokens after block ``layer`` (or why one cannot run),
+    over the request's images of the first image's shape (returned first)."""
+    return _ablations(request.key, index, layer, target, threshold, request)
+
+
+@st.cache_data(max_entries=32, show_spinner="Computing full attention rows…")
+def _sinks(key: str, index: int, ref: str, layers: tuple[int, ...], threshold: float | None,
+           _request: Request) -> tuple[AttentionSinks, MassiveActivations]:
+    loaded = _model(_request, index)
+    register = _request.models[index].register
+    pixels = _pixels(_request, loaded, ref)
+    return (attention_sinks(loaded, pixels, layers, threshold, register=register),
+            massive_activations(loaded, pixels, register=register))
+
+
+def sinks(request: Request, index: int, ref: str, layers: tuple[int, ...],
+          threshold: float | None) -> tuple[AttentionSinks, MassiveActivations]:
+    """Attention received per block and head (all queries) and the massive activations of model ``index``
+    (with its test-time register, if any) on one image."""
+    return _sinks(request.key, index, ref, layers, threshold, request)
