@@ -14,7 +14,7 @@ from .analysis.neurons import DEFAULT_TOP, ImageBatches, RegisterNeurons, read_n
 from .analysis.outliers import LayerOutliers, layer_outliers, parse_threshold
 from .engine import Engine, TraceResult, resolve_device
 from .errors import OptionError, VitlensError
-from .images import find_images, read_image_file
+from .images import read_image_file
 from .interventions import PATCH_VALUES, REGISTER_INITS, TestTimeRegister, check_register
 from .models import PRESETS, load_model
 from .settings import Settings
@@ -202,9 +202,12 @@ def _neurons(args: argparse.Namespace, settings: Settings) -> int:
     settings.check_side(args.size)
     if args.top < 1 or args.batch < 1:
         raise OptionError("--top and --batch must be at least 1.")
-    paths = find_images(args.images)
+    from .sweep import find_images  # pyarrow: imported only when needed
+
+    paths = [Path(item.path) for item in find_images(args.images)]
     loaded = Engine(device=settings.device).model(args.model, args.weights)
-    batches = ImageBatches(loaded, paths, side=args.size, batch=args.batch, max_pixels=settings.max_pixels)
+    batches = ImageBatches(loaded, paths, side=args.size, batch=args.batch, max_pixels=settings.max_pixels,
+                           max_bytes=settings.max_image_bytes)
     scores = score_neurons(loaded, batches, detector_layer=args.detector_layer, max_layer=args.max_layer,
                            threshold=threshold, sparse=args.sparse)
     if scores.num_images == 0:

@@ -124,32 +124,6 @@ def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
     return decode_image(data, name=Path(path).name, max_pixels=max_pixels)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def find_images(pattern: str | Path) -> list[Path]:
-    """Image files of a folder (searched recursively) or of a glob pattern, sorted.
-
-    Files are chosen by suffix (``IMAGE_SUFFIXES``, any case); whether they decode is checked
-    when they are read.
-
-    Raises:
-        ImageError: nothing matches.
-    """
-    path = Path(pattern)
-    if path.is_dir():
-        candidates = path.rglob("*")
-    elif path.is_file():
-        candidates = [path]
-    else:
-        anchor = Path(path.anchor or ".")
-        candidates = anchor.glob(str(path.relative_to(anchor)) if path.anchor else str(path))
-    found = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise ImageError(f"No image files found in '{pattern}'.")
-    return found
-
-
 def gallery_image(name: str) -> DecodedImage:
     """One of the offline sample photographs in ``GALLERY``."""
     import skimage

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..capture import input_resolution
 from ..errors import ImageError, NeuronFileError, OptionError, UnknownModelError
-from ..images import DEFAULT_MAX_PIXELS, read_image_file, resize_for_model, to_tensor
+from ..images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, read_image_file, resize_for_model, to_tensor
 from ..interventions import fc2_of
 from ..layout import TokenLayout
 from ..models import LoadedModel, resolve_spec
@@ -342,6 +342,7 @@ class ImageBatches:
     side: int | None = None
     batch: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[torch.Tensor]:  # each [batch, 3, height, width]
@@ -349,7 +350,7 @@ class ImageBatches:
         pending: list[torch.Tensor] = []
         for path in self.paths:
             try:
-                image = read_image_file(path, max_pixels=self.max_pixels)
+                image = read_image_file(path, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
             except ImageError as error:
                 self.failed.append((path, str(error)))
                 continue
