@@ -53,7 +53,7 @@ def redundancy_view(request: Request, ref: str, layer: int, threshold: float | N
                                  uri, mask, "cosine similarity", "similarity")))
         found = redundancy([t.neighbor_similarity for t in run.traces], masks)
         results.append((run.short, found))
-        rows.append([run.choice.name, run.weights, layer, *found.summary().values()])
+        rows.append([run.name, run.weights, layer, *found.summary().values()])
     columns = ["model", "weights", "layer", "num_images", "num_outlier", "num_normal", "outlier_mean", "normal_mean", "auroc"]
     return RedundancyView(overlays, results, Table(columns, rows))
 
@@ -93,7 +93,8 @@ class LostView:
 
 def lost_view(request: Request, ref: str, layer: int, features: str, k: int) -> LostView:
     """LOST on ``ref`` for every model of the request (a background job; raises ``Pending`` meanwhile)."""
-    models = [(run.choice.name, run.weights, run.short) for run in captured(request).runs]  # weights after any offline fallback
+    models = [(run.choice.name, run.weights, run.short) for run in captured(request).runs  # weights after any offline fallback
+              if not run.choice.register]  # LOST runs the plain model: the test-time register column is left out
     board = boards()["capture"]
     key = f"lost|{request.key}|{models}|{ref}|{layer}|{features}|{k}"
     job = board.run(key, f"LOST on {image_name(ref)}", lambda job: _lost(request, models, ref, layer, features, k, job))
