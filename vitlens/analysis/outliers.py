@@ -195,21 +195,22 @@ def effective_tests(count: int) -> float:
 
 def _tail_size(count: int) -> int:
     """``M``: bulk tokens whose spacings estimate the bulk's tail scale."""
-    return int(np.clip(round(TAIL_FACTOR * math.sqrt(count)), 4, 200))
+    return min(max(round(TAIL_FACTOR * math.sqrt(count)), 4), 200)
 
 
 def _tail_split(log_norms: np.ndarray, dropped: int) -> ThresholdDecision:
     count = log_norms.size
     tail = _tail_size(count)
-    k = np.arange(1, min(count // 2, count - tail - 1) + 1)  # [K] candidate sizes
+    size = min(count // 2, count - tail - 1)  # candidates k = 1..size
+    gaps = log_norms[:size] - log_norms[1:size + 1]  # [K], gap below the k-th largest
+    k = np.flatnonzero(gaps >= math.log(MIN_GAP_RATIO)) + 1  # wide enough to be seen
     bulk_median = _bulk_medians(log_norms, k)
-    gaps = log_norms[k - 1] - log_norms[k]
-    visible = (gaps >= math.log(MIN_GAP_RATIO)) & (log_norms[k - 1] - bulk_median >= math.log(MIN_MEDIAN_RATIO))
+    visible = log_norms[k - 1] - bulk_median >= math.log(MIN_MEDIAN_RATIO)
     needed = ALPHA / effective_tests(count)
     if not visible.any():
-        best = int(np.argmax(gaps))
-        return _tail_decision(log_norms, int(k[best]), None, needed, False, float(bulk_median[best]), dropped)
-    k, bulk_median, gaps = k[visible], bulk_median[visible], gaps[visible]
+        widest = int(np.argmax(gaps)) + 1
+        return _tail_decision(log_norms, widest, None, needed, False, float(_bulk_medians(log_norms, widest)), dropped)
+    k, bulk_median, gaps = k[visible], bulk_median[visible], gaps[k[visible] - 1]
     ranks = k[:, None] + np.arange(1, tail + 1)  # [K, M]
     spacings = ranks * (log_norms[ranks - 1] - log_norms[ranks])  # D_i = i (y_i - y_(i+1)) of the bulk's top M
     scale = np.maximum(spacings.mean(axis=1), MIN_TAIL_SCALE)  # mu_k: Hill estimate of the tail scale
@@ -226,7 +227,7 @@ def _tail_split(log_norms: np.ndarray, dropped: int) -> ThresholdDecision:
                           dropped)
 
 
-def _bulk_medians(log_norms: np.ndarray, k: np.ndarray) -> np.ndarray:
+def _bulk_medians(log_norms: np.ndarray, k: np.ndarray | int) -> np.ndarray:
     """Median of ``log_norms[k:]`` for each ``k`` (decreasing input), vectorised."""
     remaining = log_norms.size - k  # bulk sizes
     upper = log_norms[k + (remaining - 1) // 2]
