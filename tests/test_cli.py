@@ -105,6 +105,8 @@ def test_planted_outliers_through_the_cli(capsys, plant, make_photo, encode, tmp
         expected = sorted(map(list, planted.cells)) if layer["layer"] >= 2 else []
         assert sorted(layer["outliers"]) == expected, layer
         assert (layer["threshold"] is None) == (layer["layer"] < 2)
+        assert layer["auto"]["accepted"] == (layer["layer"] >= 2) and layer["auto"]["measure"] == "tail p-value"
+        assert layer["threshold_reason"].startswith("no separate high mode" if layer["layer"] < 2 else "gap ")
     assert np.array_equal(np.load(out)["outliers"][2:], np.broadcast_to(planted.mask(), (4, 10, 10)))
 
 
