@@ -222,3 +222,15 @@ def test_ray_engine_gives_the_same_rows_as_the_local_engine(tmp_path):
     for column in lists:
         assert [list(value) for value in local[column]] == [list(value) for value in ray[column]]
     assert ray.num_outliers.sum() > 0
+
+
+def test_should_stop_ends_after_the_running_batch_and_progress_counts_up(tmp_path):
+    images = _images(tmp_path / "images", 5)
+    calls = []
+    stopped = run_sweep(images, [PLAIN], ["random"], tmp_path / "out", batch=2, model_args=TINY_ARGS,
+                        progress=lambda done, total: calls.append((done, total)), should_stop=lambda: True)
+    assert stopped.stopped and stopped.computed == 2 and calls == [(0, 5), (2, 5)]
+    calls.clear()
+    rest = run_sweep(images, [PLAIN], ["random"], tmp_path / "out", batch=2, model_args=TINY_ARGS,
+                     progress=lambda done, total: calls.append((done, total)))
+    assert not rest.stopped and (rest.computed, rest.skipped) == (3, 2) and calls == [(0, 3), (2, 3), (3, 3)]
