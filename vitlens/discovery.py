@@ -25,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .analysis.lost import DEFAULT_K, LostResult, box_iou, corloc, lost
 from .capture import input_resolution
 from .errors import DataError, ImageError, OptionError
-from .images import DEFAULT_MAX_PIXELS, read_image_file, to_tensor
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, read_image_file, to_tensor
 from .models import LoadedModel
 
 FEATURES = ("k", "q", "v")  # keys (LOST's default), queries, values
@@ -190,7 +190,8 @@ def voc_items(root: Path) -> list[VocItem]:
 
 def lost_voc(root: Path, loaded: LoadedModel, side: int | None = None, layer: int = -1, which: str = "k",
              k: int = DEFAULT_K, difficult: bool = True, antialias: bool = True,
-             max_pixels: int = DEFAULT_MAX_PIXELS, progress: Progress | None = None) -> dict:
+             max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+             progress: Progress | None = None) -> dict:
     """LOST on every image of a VOC-style folder and its corLoc (the ``lost --json`` document).
 
     Images whose picture or XML is missing or unreadable go to ``failed``; images without a
@@ -201,7 +202,7 @@ def lost_voc(root: Path, loaded: LoadedModel, side: int | None = None, layer: in
     failed, rows, no_boxes = [], [], []
     for done, item in enumerate(items):
         try:
-            row = _evaluate(item, loaded, side, layer, which, k, difficult, antialias, max_pixels)
+            row = _evaluate(item, loaded, side, layer, which, k, difficult, antialias, (max_pixels, max_bytes))
         except (DataError, ImageError) as error:
             failed.append({"image": item.image.name if item.image else item.name, "reason": str(error)})
         else:
@@ -215,7 +216,7 @@ def lost_voc(root: Path, loaded: LoadedModel, side: int | None = None, layer: in
 
 
 def _evaluate(item: VocItem, loaded: LoadedModel, side: int | None, layer: int, which: str, k: int,
-              difficult: bool, antialias: bool, max_pixels: int) -> dict | None:
+              difficult: bool, antialias: bool, limits: tuple[int, int]) -> dict | None:
     if item.annotation is None:
         raise DataError(f"no annotation Annotations/{item.name}.xml")
     if item.image is None:
@@ -223,7 +224,7 @@ def _evaluate(item: VocItem, loaded: LoadedModel, side: int | None, layer: int, 
     gt = read_annotation(item.annotation).kept(difficult)
     if not len(gt):
         return None
-    image = read_image_file(item.image, max_pixels=max_pixels).image
+    image = read_image_file(item.image, max_pixels=limits[0], max_bytes=limits[1]).image
     found = discover(loaded, image, side, layer, which, k, antialias)
     iou = float(box_iou(np.array(found.box), gt).max())
     return {"image": item.image.name, "box": list(found.box), "seed": list(found.result.seed),

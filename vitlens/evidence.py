@@ -18,7 +18,7 @@ from .analysis.redundancy import RedundancyResult, redundancy
 from .capture import Trace
 from .engine import Engine
 from .errors import DataError, ImageError, OptionError
-from .images import DEFAULT_MAX_PIXELS, DecodedImage, read_image_file, resize_for_model, to_tensor
+from .images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, DecodedImage, read_image_file, resize_for_model, to_tensor
 from .store import CaptureOptions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -40,13 +40,15 @@ class EvidenceOptions:
         layer: Block whose outliers (and, for probes, tokens) are used; negative counts from the end.
         threshold: Outlier norm threshold; None: ``auto``.
         capture: Input size, antialiasing, precision.
-        max_pixels: Largest image accepted.
+        max_pixels: Largest image accepted (width x height).
+        max_bytes: Largest image file accepted.
     """
 
     layer: int = -1
     threshold: float | None = None
     capture: CaptureOptions = CaptureOptions()
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def traces(engine: Engine, paths: Sequence[Path], model: str, weights: str, opti
         decoded = []
         for path in paths[start:start + CHUNK]:
             try:
-                image = read_image_file(path, max_pixels=options.max_pixels)
+                image = read_image_file(path, max_pixels=options.max_pixels, max_bytes=options.max_bytes)
             except ImageError as error:
                 if failed is not None:
                     failed.append(Failed(str(path), str(error)))

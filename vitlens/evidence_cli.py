@@ -31,7 +31,7 @@ def run_lost(args: argparse.Namespace, settings: Settings) -> int:
     document = {"model": args.model, "weights": str(args.weights), "fingerprint": loaded.fingerprint,
                 **lost_voc(args.voc, loaded, side=args.size, layer=args.layer, which=args.features, k=args.k,
                            difficult=not args.no_difficult, antialias=not args.no_antialias,
-                           max_pixels=settings.max_pixels)}
+                           max_pixels=settings.max_pixels, max_bytes=settings.max_image_bytes)}
     if args.out:
         write_rows(args.out, document["images"], document)
     print(json.dumps(document, indent=2) if args.json else _lost_text(document))
@@ -77,7 +77,8 @@ def _setup(args: argparse.Namespace, settings: Settings) -> tuple[Engine, Eviden
     """The engine, the options and the document head (model, weights fingerprint, options)."""
     settings.check_side(args.size)
     options = EvidenceOptions(layer=args.layer, threshold=parse_threshold(args.threshold),
-                              capture=CaptureOptions(side=args.size), max_pixels=settings.max_pixels)
+                              capture=CaptureOptions(side=args.size), max_pixels=settings.max_pixels,
+                              max_bytes=settings.max_image_bytes)
     engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
     loaded = engine.model(args.model, args.weights)
     head = {"model": args.model, "weights": str(args.weights), "fingerprint": loaded.fingerprint,
@@ -164,7 +165,8 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
     if args.out.suffix.lower() not in (".html", ".htm"):
         raise OptionError(f"--out must end in .html, not '{args.out.name}'.")
     evidence = EvidenceOptions(layer=args.layer, threshold=parse_threshold(args.threshold),
-                               capture=CaptureOptions(side=args.size), max_pixels=settings.max_pixels)
+                               capture=CaptureOptions(side=args.size), max_pixels=settings.max_pixels,
+                               max_bytes=settings.max_image_bytes)
     options = ReportOptions(evidence=evidence, lost_features=args.features, lost_k=args.k)
     engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
     command = "python -m vitlens " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None

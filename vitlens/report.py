@@ -189,7 +189,8 @@ def _lost(loaded, images: Path, paths: Sequence[Path], options: ReportOptions) -
         pictures = [_discover_picture(loaded, path, options) for path in paths[:options.shown]]
         return (_note("Not a Pascal-VOC folder (JPEGImages/ + Annotations/), so no corLoc; boxes drawn on the first images.")
                 + "".join(pictures) + reference)
-    document = lost_voc(images, loaded, side=side, layer=options.lost_layer, which=options.lost_features, k=options.lost_k)
+    document = lost_voc(images, loaded, side=side, layer=options.lost_layer, which=options.lost_features, k=options.lost_k,
+                        max_pixels=options.evidence.max_pixels, max_bytes=options.evidence.max_bytes)
     score = "n/a" if document["corloc"] is None else f"{100 * document['corloc']:.1f}"
     rows = [(row["image"], row["box"], row["seed"], _cell(row["iou"]), row["correct"]) for row in document["images"]]
     pictures = [_discover_picture(loaded, images / "JPEGImages" / row["image"], options) for row in document["images"][:options.shown]]
@@ -200,7 +201,7 @@ def _lost(loaded, images: Path, paths: Sequence[Path], options: ReportOptions) -
 
 def _discover_picture(loaded, path: Path, options: ReportOptions) -> str:
     try:
-        image = read_image_file(path, max_pixels=options.evidence.max_pixels).image
+        image = read_image_file(path, max_pixels=options.evidence.max_pixels, max_bytes=options.evidence.max_bytes).image
     except ImageError as error:
         return _note(str(error))
     found = discover(loaded, image, options.evidence.capture.side, options.lost_layer, options.lost_features, options.lost_k)
