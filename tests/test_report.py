@@ -32,6 +32,7 @@ def test_report_cli_writes_one_self_contained_page_with_every_section(classes, t
     assert page.count("<script src=") == 0 and page.count("Plotly.newPlot") >= 4
     assert page.count("plotly.js v") == 1  # the library inlined once
     assert "synthetic:v" in page and str(classes) in page  # weights fingerprint and data
+    assert f"python -m vitlens report --model {MODEL[0]} --weights synthetic --images {classes}" in page
     assert "data:image/jpeg;base64," in page  # LOST boxes drawn on the pictures
     assert "Not a Pascal-VOC folder" in page
 

@@ -169,7 +169,7 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
                                max_bytes=settings.max_image_bytes)
     options = ReportOptions(evidence=evidence, lost_features=args.features, lost_k=args.k)
     engine = Engine(TraceStore(settings.cache_dir, settings.cache_size), device=settings.device)
-    command = "python -m vitlens " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]) if sys.argv[1:] else None
+    command = _report_command(args)
     page = build_report(engine, args.model, args.weights, args.images, options, command=command,
                         progress=lambda step: print(f"report: {step}", file=sys.stderr))
     try:
@@ -178,3 +178,13 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
         raise OptionError(f"Cannot write '{args.out}': {error.strerror or error}.") from error
     print(f"wrote {args.out} ({len(page) / 1e6:.1f} MB)")
     return 0
+
+
+def _report_command(args: argparse.Namespace) -> str:
+    """The command that rebuilds this report, every option spelled out."""
+    parts = ["python -m vitlens report", "--model", args.model, "--weights", str(args.weights), "--images", str(args.images),
+             "--out", str(args.out), "--layer", str(args.layer), "--threshold", str(args.threshold),
+             "--features", args.features, "--k", str(args.k)]
+    if args.size is not None:
+        parts += ["--size", str(args.size)]
+    return " ".join([parts[0], *(shlex.quote(part) for part in parts[1:])])
