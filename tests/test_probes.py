@@ -87,3 +87,23 @@ def test_pick_tokens_takes_cls_a_normal_and_an_outlier_patch():
     assert cls[0] == 0 and outlier[0] == 4 and normal[0] in (3, 5, 6)
     _, _, none = pick_tokens(states, layout, np.zeros((2, 2), dtype=bool), np.random.default_rng(0))
     assert none is None
+
+
+class _Counting(list):
+    """Samples that count how often each is read (a lazy loader reads each once)."""
+
+    def __init__(self, samples):
+        super().__init__(samples)
+        self.reads = [0] * len(samples)
+
+    def __getitem__(self, index):
+        self.reads[index] += 1
+        return super().__getitem__(index)
+
+
+def test_local_probes_read_each_image_once_and_check_its_shape():
+    samples = _Counting(_local_samples(8))
+    local_probes(samples, GRID)
+    assert samples.reads == [1] * 8
+    with pytest.raises(ValueError, match="patch tokens"):
+        local_probes(_local_samples(4), (5, 5))

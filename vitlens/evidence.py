@@ -5,6 +5,7 @@ decoded images and traces is in memory at a time. Unreadable files are skipped a
 """
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -172,24 +173,43 @@ def local_probe_run(engine: Engine, paths: Sequence[Path], model: str, weights: 
                     progress: Progress | None = None) -> Run:
     """Position and pixel probes on patch tokens of ``options.layer`` (square centre crops).
 
+    A first pass captures every image into the engine's store; the probes then read one image at
+    a time back from it, so memory does not grow with the number of images.
+
     Raises:
         DataError: fewer than two readable images.
     """
-    loaded = engine.model(model, weights)
-    side = options.capture.side or max(loaded.native_size)
-    capture = replace(options.capture, state_layers=(options.layer,))
+    options = replace(options, capture=replace(options.capture, state_layers=(options.layer,)))
     failed: list[Failed] = []
-    samples, names, layer, grid = [], [], options.layer, None
-    for path, image, trace in traces(engine, paths, model, weights, replace(options, capture=capture), square=True,
-                                     failed=failed, progress=progress):
+    readable, layer, grid = [], options.layer, None
+    for path, _, trace in traces(engine, paths, model, weights, options, square=True, failed=failed, progress=progress):
         layer, grid = _layer(options.layer, trace.num_layers), trace.layout.grid
-        tokens = trace.states[layer][trace.layout.patches]  # [patch, channel], float16 as captured
-        pixels = patch_pixels(image.image, side, loaded.patch_size, loaded.mean, loaded.std).astype(np.float16)
-        samples.append(LocalSample(tokens, pixels, outlier_mask(trace, layer, options.threshold).ravel()))
-        names.append(str(path))
-    if len(samples) < 2:
-        raise DataError(f"Local probes need at least 2 readable images (one to train, one to test); got {len(samples)}.")
-    return Run(local_probes(samples, grid), names, failed, layer)
+        readable.append(path)
+    if len(readable) < 2:
+        raise DataError(f"Local probes need at least 2 readable images (one to train, one to test); got {len(readable)}.")
+    samples = _StoredSamples(engine, readable, model, weights, replace(options, layer=layer))
+    return Run(local_probes(samples, grid), [str(p) for p in readable], failed, layer)
+
+
+class _StoredSamples(SequenceABC):
+    """``LocalSample``s read one at a time: the image decoded again, its trace from the engine's store."""
+
+    def __init__(self, engine: Engine, paths: Sequence[Path], model: str, weights: str, options: EvidenceOptions) -> None:
+        self.engine, self.paths, self.model, self.weights, self.options = engine, paths, model, weights, options
+        self.loaded = engine.model(model, weights)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> LocalSample:
+        image = square_crop(read_image_file(self.paths[index], max_pixels=self.options.max_pixels,
+                                            max_bytes=self.options.max_bytes))
+        trace = self.engine.traces([image], self.model, self.weights, self.options.capture)[0].trace
+        loaded, layer = self.loaded, self.options.layer
+        side = self.options.capture.side or max(loaded.native_size)
+        pixels = patch_pixels(image.image, side, loaded.patch_size, loaded.mean, loaded.std)
+        return LocalSample(trace.states[layer][trace.layout.patches], pixels,
+                           outlier_mask(trace, layer, self.options.threshold).ravel())
 
 
 @dataclass(frozen=True)

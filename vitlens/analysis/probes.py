@@ -112,31 +112,38 @@ def local_probes(samples: Sequence[LocalSample], grid: tuple[int, int], test_fra
                  seed: int = 0) -> LocalProbeResult:
     """Fit position and pixel probes on the training images; score them on the test images.
 
+    Each sample is read once (``samples`` may load them lazily, so memory need not grow with them).
+
     Raises:
         ValueError: fewer than two images, or an image whose tokens do not fill ``grid``.
     """
-    cells = grid[0] * grid[1]
-    for sample in samples:
-        if sample.tokens.shape[0] != cells or sample.outliers.shape != (cells,):
-            raise ValueError(f"expected {cells} patch tokens and outlier flags per image for grid {grid}")
     train, test = split_images(len(samples), test_fraction, seed)
-    position, pixels = _fit(samples, train, cells)
+    position, pixels = _fit(samples, train, grid[0] * grid[1])
     scores = _score(samples, test, grid, position, pixels)
     return LocalProbeResult(normal=scores[False], outlier=scores[True], grid=tuple(grid),
                             num_train_images=len(train), num_test_images=len(test))
 
 
+def _checked(sample: LocalSample, cells: int) -> LocalSample:
+    if sample.tokens.shape[0] != cells or sample.outliers.shape != (cells,):
+        raise ValueError(f"expected {cells} patch tokens and outlier flags per image, got {sample.tokens.shape[0]}")
+    return sample
+
+
 def _fit(samples: Sequence[LocalSample], train: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Position weights and pixel weights (None when any image has no pixels)."""
-    channels = samples[0].tokens.shape[1]
-    with_pixels = all(samples[i].pixels is not None for i in train)
-    position = _Ridge(channels, cells)
-    pixels = _Ridge(channels, samples[train[0]].pixels.shape[1]) if with_pixels else None
+    """Position weights and pixel weights (None when any training image has no pixels)."""
+    position, pixels, with_pixels = None, None, True
     for index in train:
-        position.add(samples[index].tokens)  # targets: the identity, one cell per token
-        if pixels is not None:
-            pixels.add(samples[index].tokens, samples[index].pixels)
-    return position.solve().astype(np.float32), pixels.solve().astype(np.float32) if pixels is not None else None
+        sample = _checked(samples[index], cells)
+        if position is None:
+            position = _Ridge(sample.tokens.shape[1], cells)
+        position.add(sample.tokens)  # targets: the identity, one cell per token
+        with_pixels = with_pixels and sample.pixels is not None
+        if with_pixels:
+            pixels = pixels if pixels is not None else _Ridge(sample.tokens.shape[1], sample.pixels.shape[1])
+            pixels.add(sample.tokens, sample.pixels)
+    pixel_weights = pixels.solve().astype(np.float32) if with_pixels else None
+    return position.solve().astype(np.float32), pixel_weights
 
 
 def _score(samples: Sequence[LocalSample], test: np.ndarray, grid: tuple[int, int], position: np.ndarray,
@@ -144,7 +151,7 @@ def _score(samples: Sequence[LocalSample], test: np.ndarray, grid: tuple[int, in
     hits, distances, errors = {True: [], False: []}, {True: [], False: []}, {True: [], False: []}
     cell_rows, cell_cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
     for index in test:
-        sample = samples[index]
+        sample = _checked(samples[index], grid[0] * grid[1])
         x = _with_bias(sample.tokens, np.float32)
         predicted = (x @ position).argmax(axis=1)  # [patch]
         distance = np.hypot(cell_rows[predicted] - cell_rows, cell_cols[predicted] - cell_cols)
