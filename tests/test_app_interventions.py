@@ -27,6 +27,10 @@ def test_finder_picks_the_planted_neurons_and_the_register_column_removes_the_ou
     planted, clean, treated = _figures(at)
     assert "with test-time register" in _title(treated)
     assert _outlined(planted) == set(PLANTED_CELLS) and _outlined(treated) == set()
+    for page in ("views/histogram.py", "views/emergence.py", "views/attention.py", "views/embedding.py"):
+        at.switch_page(page).run()
+        _ok(at)
+    assert any("ttr0" in str(figure) for figure in _figures(at.switch_page("views/attention.py").run()))
 
 
 def test_bad_neuron_files_give_one_message_on_the_page(weights_dir):
