@@ -212,6 +212,22 @@ def test_presets_resolve_offline_and_pair_up():
         if spec.pair is not None:
             assert PRESETS[spec.pair].pair == name
             assert ("reg4" in spec.arch) != ("reg4" in PRESETS[spec.pair].arch)
+        if spec.compare is not None:
+            assert spec.pair is None and PRESETS[spec.compare].pair is not None
+
+
+def test_dinov3_presets_cover_s_b_l_hplus_with_storage_registers_as_registers():
+    from vitlens.layout import TokenLayout
+
+    dinov3 = {name: spec for name, spec in PRESETS.items() if "dinov3" in spec.arch}
+    assert sorted(spec.arch.split("_patch")[0] for spec in dinov3.values()) == [
+        "vit_base", "vit_huge_plus", "vit_large", "vit_small"]
+    for spec in dinov3.values():
+        assert spec.arch.endswith(".lvd1689m") and "no register-free twin" in spec.label
+        assert "reg4" in PRESETS[spec.compare].arch
+    model = timm.create_model(PRESETS["dinov3_vits16"].arch.split(".")[0], depth=1, pretrained=False)
+    layout = TokenLayout.from_model(model, (2, 2))
+    assert (layout.num_cls, layout.num_registers) == (1, 4)
 
 
 def test_unreachable_hub_fails_fast_with_advice():

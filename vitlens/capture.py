@@ -2,26 +2,28 @@
 
 Hooks read the model's own intermediate tensors; nothing in the forward pass is replaced, so the
 model's output is the same with and without capture. Attention is recomputed only for the prefix
-queries (CLS and registers) from the very q and k the model used, which is exact even when timm
-runs fused attention, and costs [prefix x tokens] per head instead of [tokens x tokens].
+queries (CLS and registers) from the very q and k the model used (after its q/k norms and rotary
+embedding; see ``vitlens.adapters``), which is exact even when timm runs fused attention, and
+costs [prefix x tokens] per head instead of [tokens x tokens]. A model's attention-pool head
+(SigLIP-style) is run on the features too, and its query's attention recorded the same way.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
+from torch.utils.hooks import RemovableHandle
 
+from .adapters import Adapter, AttentionSite, adapter_for
 from .interventions import TestTimeRegister, apply_test_time_register
 from .layout import TokenLayout
 from .models import LoadedModel
 
-CAPTURE_VERSION = 1  # bump when the content of a Trace changes; part of every cache key
+CAPTURE_VERSION = 2  # bump when the content of a Trace changes; part of every cache key
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -42,6 +44,9 @@ class Trace:
         neighbor_similarity: Mean cosine similarity of each patch embedding (before position
             embedding) to its 4 neighbours.  # [row, col]
         states: Token vectors of the requested layers.  # {layer: [token, channel]}
+        pool_attention: Softmax attention of the attention-pool head's query (SigLIP-style
+            ``global_pool='map'``) over all tokens after the final norm, zero for tokens the pool
+            does not see; None when the model has no such head.  # [pool_head, query, token]
     """
 
     layout: TokenLayout
@@ -51,6 +56,7 @@ class Trace:
     attention: np.ndarray
     neighbor_similarity: np.ndarray
     states: Mapping[int, np.ndarray] = field(default_factory=dict)
+    pool_attention: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -88,14 +94,17 @@ def capture(
             trace counts it as the last register.
     """
     model = loaded.model
-    state_layers = sorted({_check_layer(layer, len(model.blocks)) for layer in state_layers})
+    adapter = adapter_for(model)
+    state_layers = sorted({_check_layer(layer, len(adapter.blocks(model))) for layer in state_layers})
     input_size = tuple(pixels.shape[-2:])
     extra = 0 if test_time_register is None else 1
-    with loaded.lock, input_resolution(model, input_size, antialias) as grid, \
+    with loaded.lock, adapter.input_resolution(model, input_size, antialias) as grid, \
             apply_test_time_register(model, test_time_register), \
             record(model, model.num_prefix_tokens + extra, state_layers, attention) as recorder:
         with torch.inference_mode(), _autocast(loaded.device, precision):
-            model.forward_features(pixels.to(loaded.device))
+            features = model.forward_features(pixels.to(loaded.device))
+            if recorder.reads_pool:
+                adapter.run_pool(model, features)
         layout = TokenLayout.from_model(model, grid).with_test_time_registers(extra)
     return recorder.traces(layout, input_size)
 
@@ -114,54 +123,54 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
-@contextlib.contextmanager
-def input_resolution(model: VisionTransformer, size: tuple[int, int], antialias: bool = True) -> Iterator[tuple[int, int]]:
+def input_resolution(model: torch.nn.Module, size: tuple[int, int], antialias: bool = True
+                     ) -> contextlib.AbstractContextManager[tuple[int, int]]:
     """Temporarily set the model's input size; yields the patch grid (rows, cols) of that size.
 
-    Position embeddings are resampled (bicubic, optionally antialiased) when the grid changes;
-    the model's own size and position embeddings are restored afterwards.
+    Position embeddings (and rotary embeddings) follow the new grid the way the model's family
+    does it (``Adapter.input_resolution``); the model is restored afterwards, even on error.
     """
-    patch_embed = model.patch_embed
-    native_size, native_grid, native_pos_embed = patch_embed.img_size, tuple(patch_embed.grid_size), model.pos_embed
-    try:
-        patch_embed.set_input_size(img_size=size)
-        grid = tuple(patch_embed.grid_size)
-        if native_pos_embed is not None and grid != native_grid:
-            num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-            resampled = resample_abs_pos_embed(native_pos_embed.detach(), new_size=list(grid), old_size=list(native_grid),
-                                               num_prefix_tokens=num_prefix, antialias=antialias)
-            model.pos_embed = torch.nn.Parameter(resampled, requires_grad=False)
-        yield grid
-    finally:
-        patch_embed.set_input_size(img_size=native_size)
-        model.pos_embed = native_pos_embed
+    return adapter_for(model).input_resolution(model, size, antialias)
+
+
+Hook = Callable[..., None]
 
 
 class _Recorder:
-    """Forward hooks that collect per-block tensors on the model's device."""
+    """Hooks that collect per-block tensors on the model's device.
 
-    def __init__(self, model: VisionTransformer, num_prefix: int, state_layers: Sequence[int], attention: bool = True) -> None:
+    ``attach`` registers them through the model's adapter: block outputs (residual stream),
+    the final norm, the patch embedding, and (unless ``attention`` is off: norms only) for every
+    attention the q and k it uses (plus the rotary embedding it is given), from which the prefix
+    queries' softmax is recomputed, and the attention-pool head's.
+    """
+
+    def __init__(self, num_prefix: int, state_layers: Sequence[int], attention: bool = True) -> None:
         self.num_prefix = num_prefix
         self.state_layers = state_layers
         self.with_attention = attention
+        self.reads_pool = False
         self.norms: list[torch.Tensor] = []  # per block: [batch, token]
         self.attention: list[torch.Tensor] = []  # per block: [batch, head, prefix, token]
+        self.pool_attention: list[torch.Tensor] = []  # at most one: [batch, head, query, token]
+        self.pool_key_offset = 0
         self.states: dict[int, torch.Tensor] = {}  # [batch, token, channel]
         self.final_norms: torch.Tensor | None = None  # [batch, token]
         self.patch_embeddings: torch.Tensor | None = None  # [batch, patch, channel]
 
-    def hooks(self, model: VisionTransformer) -> list[tuple[torch.nn.Module, object]]:
-        pairs = [(model.patch_embed, self._on_patch_embed), (model.norm, self._on_final_norm)]
-        for index, block in enumerate(model.blocks):
-            attn = getattr(block, "attn", None)
-            if not self.with_attention:
-                pairs.append((block, self._block_hook(index)))
-                continue
-            if attn is None or not isinstance(getattr(attn, "qkv", None), torch.nn.Linear):
-                raise TypeError(f"block {index} ({type(block).__name__}) has no attn.qkv projection to read attention from")
-            pairs.append((attn.qkv, self._attention_hook(attn)))
-            pairs.append((block, self._block_hook(index)))
-        return pairs
+    def attach(self, model: torch.nn.Module, adapter: Adapter, handles: list[RemovableHandle]) -> None:
+        """Register every hook, appending each handle to ``handles`` as soon as it exists."""
+        handles.append(model.patch_embed.register_forward_hook(self._on_patch_embed))
+        handles.append(adapter.final_norm(model).register_forward_hook(self._on_final_norm))
+        for index, block in enumerate(adapter.blocks(model)):
+            if self.with_attention:
+                self._attach_attention(adapter.attention_site(model, index), self.num_prefix, self.attention, handles)
+            handles.append(block.register_forward_hook(self._block_hook(index)))
+        pool = adapter.pool_site(model) if self.with_attention else None
+        if pool is not None:
+            self.reads_pool = True
+            self.pool_key_offset = adapter.pool_key_offset(model)
+            self._attach_attention(pool, None, self.pool_attention, handles)
 
     def _on_patch_embed(self, module, args, output: torch.Tensor) -> None:
         self.patch_embeddings = output.flatten(1, -2) if output.ndim == 4 else output
@@ -169,23 +178,32 @@ class _Recorder:
     def _on_final_norm(self, module, args, output: torch.Tensor) -> None:
         self.final_norms = _norms(output)
 
-    def _block_hook(self, index: int):
+    def _block_hook(self, index: int) -> Hook:
         def hook(module, args, output: torch.Tensor) -> None:
             self.norms.append(_norms(output))
             if index in self.state_layers:
                 self.states[index] = output.half()
         return hook
 
-    def _attention_hook(self, attn: torch.nn.Module):
-        def hook(module, args, qkv: torch.Tensor) -> None:
-            batch, tokens, _ = qkv.shape
-            qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-            q = attn.q_norm(qkv[0][:, :, :self.num_prefix])  # [batch, head, prefix, dim]
-            k = attn.k_norm(qkv[1])  # [batch, head, token, dim]
-            with torch.autocast(qkv.device.type, enabled=False):  # autocast would run this matmul in bf16
-                logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
-                self.attention.append(logits.softmax(dim=-1))
-        return hook
+    @staticmethod
+    def _attach_attention(site: AttentionSite, num_queries: int | None, out: list[torch.Tensor],
+                          handles: list[RemovableHandle]) -> None:
+        """Recompute ``site``'s softmax for its first ``num_queries`` queries (all when None) into ``out``."""
+        seen: dict[str, object] = {}
+
+        def on_call(module, args, kwargs) -> None:
+            seen["rope"] = kwargs.get("rope")  # timm's blocks pass it by name
+            seen["dtype"] = _compute_dtype(args[0] if args else kwargs["x"])
+
+        def on_q(module, args, q: torch.Tensor) -> None:
+            seen["q"] = q if num_queries is None else q[:, :, :num_queries]  # [batch, head, query, dim]
+
+        def on_k(module, args, k: torch.Tensor) -> None:
+            out.append(site.attention(seen.pop("q"), k, seen.pop("rope", None), seen.pop("dtype")))
+
+        handles.append(site.module.register_forward_pre_hook(on_call, with_kwargs=True))
+        handles.append(site.q_norm.register_forward_hook(on_q))
+        handles.append(site.k_norm.register_forward_hook(on_k))
 
     def _host_attention(self, shape: tuple[int, ...]) -> np.ndarray:
         """Recorded attention on the host, or an empty one (no heads) when not recorded."""
@@ -197,15 +215,32 @@ class _Recorder:
     def traces(self, layout: TokenLayout, input_size: tuple[int, int]) -> list[Trace]:
         norms = torch.stack(self.norms, dim=1).cpu().numpy()  # [batch, layer, token]
         attention = self._host_attention(norms.shape)  # [batch, layer, head, prefix, token]
+        pool = self._pool_over_all_tokens(layout.num_tokens)  # [batch, head, query, token] or None
         final_norms = self.final_norms.cpu().numpy()
         similarity = neighbor_similarity(self.patch_embeddings, layout.grid).cpu().numpy()
         states = {layer: _to_host(tensor).numpy() for layer, tensor in self.states.items()}
         return [
             Trace(layout=layout, input_size=input_size, norms=norms[i], final_norms=final_norms[i],
                   attention=attention[i], neighbor_similarity=similarity[i],
-                  states={layer: values[i] for layer, values in states.items()})
+                  states={layer: values[i] for layer, values in states.items()},
+                  pool_attention=None if pool is None else pool[i])
             for i in range(norms.shape[0])
         ]
+
+    def _pool_over_all_tokens(self, num_tokens: int) -> np.ndarray | None:
+        """The pool's attention with a zero for each token it does not see (the prefix, for some ViTs)."""
+        if not self.pool_attention:
+            return None
+        seen = _to_host(self.pool_attention[0]).numpy()  # [batch, head, query, key]
+        full = np.zeros((*seen.shape[:3], num_tokens), dtype=seen.dtype)
+        full[..., self.pool_key_offset:] = seen
+        return full
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an attention's projections produce from input ``x`` (autocast's, when it is on)."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -225,14 +260,20 @@ def _norms(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def record(model: VisionTransformer, num_prefix: int, state_layers: Sequence[int] = (),
+def record(model: torch.nn.Module, num_prefix: int, state_layers: Sequence[int] = (),
            attention: bool = True) -> Iterator[_Recorder]:
-    """Attach recording hooks for the duration of the block; they are removed even on error."""
-    recorder = _Recorder(model, num_prefix, state_layers, attention)
-    handles = []
+    """Attach recording hooks for the duration of the block; they are removed even on error.
+
+    Args:
+        model: Any model an adapter reads (``vitlens.adapters``).
+        num_prefix: Leading tokens whose attention rows are recorded (the prefix queries).
+        state_layers: Blocks whose output token vectors are kept.
+        attention: Record attention too (off: norms only, no attention hooks).
+    """
+    recorder = _Recorder(num_prefix, state_layers, attention)
+    handles: list[RemovableHandle] = []
     try:
-        for module, hook in recorder.hooks(model):
-            handles.append(module.register_forward_hook(hook))
+        recorder.attach(model, adapter_for(model), handles)
         yield recorder
     finally:
         for handle in handles:

@@ -7,7 +7,8 @@ Layouts understood (all read with safe loaders only: safetensors, ``torch.load(w
   EMA and the raw weights are there, the EMA weights are used, as timm's own ``load_checkpoint``
   does by default and as DINOv2 evaluates its EMA teacher.
 - The original DINOv2 release keys (``register_tokens``, ``mask_token``, ``w12``/``w3``), converted
-  by timm's ``checkpoint_filter_fn`` at load time.
+  by timm's ``checkpoint_filter_fn`` of the model's family at load time (``vitlens.adapters``;
+  for Eva models this also reads the original DINOv3, EVA-02 and PE releases).
 - DINOv2 training checkpoints: ``teacher_checkpoint.pth`` (weights under ``teacher``, keys
   ``backbone.*`` beside the ``dino_head``/``ibot_head``), a full ``model_XXXX.pth`` (keys
   ``teacher.*`` and ``student.*``: the teacher is used), and blocks chunked by ``block_chunks``
@@ -25,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from .adapters import adapter_for
 from .errors import WeightsError
 from .files import check_regular
 
@@ -196,7 +197,7 @@ def checkpoint_img_size(state_dict: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Load timm- or DINOv2-layout tensors; a missing classifier head is fine, anything else is not.
 
     Raises:
@@ -204,7 +205,7 @@ def load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], pat
     """
     name = model.default_cfg.get("architecture")
     try:
-        converted = _check_shapes(checkpoint_filter_fn(state_dict, model), model, path)
+        converted = _check_shapes(adapter_for(model).filter_checkpoint(state_dict, model), model, path)
         result = model.load_state_dict(converted, strict=False)
     except (RuntimeError, ValueError, KeyError, IndexError) as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0][:200].rstrip(" .:")
@@ -216,7 +217,7 @@ def load_into(model: VisionTransformer, state_dict: dict[str, torch.Tensor], pat
         raise WeightsError(f"Weights file '{path.name}' does not fit '{name}': {detail} keys.")
 
 
-def _check_shapes(tensors: dict[str, torch.Tensor], model: VisionTransformer, path: Path) -> dict[str, torch.Tensor]:
+def _check_shapes(tensors: dict[str, torch.Tensor], model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
     """Drop classifier-head tensors of another shape (vitlens never uses the head).
 
     Raises:

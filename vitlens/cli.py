@@ -332,7 +332,7 @@ def _sweep(args: argparse.Namespace, settings: Settings) -> int:
 
 def _models(args: argparse.Namespace, settings: Settings) -> int:
     for spec in PRESETS.values():
-        pair = f"  (pair: {spec.pair})" if spec.pair else ""
+        pair = f"  (pair: {spec.pair})" if spec.pair else f"  (compare: {spec.compare})" if spec.compare else ""
         print(f"{spec.name:<20} {spec.label:<32} {spec.arch}{pair}")
     return 0
 

@@ -35,3 +35,7 @@ class DataError(VitlensError):
 
 class NeuronFileError(VitlensError):
     """A register-neuron file is unreadable or does not fit the model it is applied to."""
+
+
+class UnsupportedModelError(UnknownModelError):
+    """A timm model vitlens cannot read exactly (e.g. attention it cannot recompute); refused at load."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from timm.models.vision_transformer import VisionTransformer
+import torch
+
+from .adapters import adapter_for
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,15 @@ class TokenLayout:
     num_test_time: int = 0
 
     @classmethod
-    def from_model(cls, model: VisionTransformer, grid: tuple[int, int]) -> TokenLayout:
-        layout = cls(num_cls=1 if getattr(model, "cls_token", None) is not None else 0,
-                     num_registers=int(getattr(model, "num_reg_tokens", 0)),
-                     grid=(int(grid[0]), int(grid[1])),
-                     num_distill=1 if getattr(model, "dist_token", None) is not None else 0)
+    def from_model(cls, model: torch.nn.Module, grid: tuple[int, int]) -> TokenLayout:
+        """The layout of ``model`` (any family ``vitlens.adapters`` reads) at patch grid ``grid``.
+
+        Raises:
+            ValueError: the prefix tokens found do not add up to the model's ``num_prefix_tokens``.
+        """
+        prefix = adapter_for(model).prefix(model)
+        layout = cls(num_cls=prefix.num_cls, num_registers=prefix.num_registers,
+                     grid=(int(grid[0]), int(grid[1])), num_distill=prefix.num_distill)
         if layout.num_prefix != model.num_prefix_tokens:
             raise ValueError(f"{type(model).__name__} has {model.num_prefix_tokens} prefix tokens, not "
                              f"{layout.num_cls} class + {layout.num_distill} distillation + {layout.num_registers} register tokens")

@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import timm
 import torch
 from timm.models import get_pretrained_cfg
-from timm.models.vision_transformer import VisionTransformer
 
+from .adapters import check_model
 from .checkpoints import WEIGHT_SUFFIXES, checkpoint_img_size, load_into, read_state_dict  # noqa: F401 (WEIGHT_SUFFIXES re-exported)
 from .errors import HubUnavailableError, UnknownModelError, WeightsError
 from .synthetic import SYNTHETIC_SIDE, SYNTHETIC_VERSION, plant_demo
@@ -37,12 +37,15 @@ class ModelSpec:
         arch: timm model name, with the pretrained tag (``arch.tag``) where there is one.
         label: Human readable name.
         pair: Name of the same model with (or without) registers, if one exists.
+        compare: A preset to show side by side when there is no such pair (DINOv3 -> the DINOv2
+            of about the same size, with registers).
     """
 
     name: str
     arch: str
     label: str
     pair: str | None = None
+    compare: str | None = None
 
 
 def _dinov2_presets() -> list[ModelSpec]:
@@ -55,9 +58,18 @@ def _dinov2_presets() -> list[ModelSpec]:
     return specs
 
 
+def _dinov3_presets() -> list[ModelSpec]:
+    """DINOv3 (trained with 4 storage registers, RoPE), each compared with the DINOv2 of about its size."""
+    sizes = {"s": ("small", "ViT-S/16", "s"), "b": ("base", "ViT-B/16", "b"), "l": ("large", "ViT-L/16", "l"),
+             "hplus": ("huge_plus", "ViT-H+/16", "g")}
+    return [ModelSpec(f"dinov3_vit{short}16", f"vit_{timm_size}_patch16_dinov3.lvd1689m",
+                      f"DINOv3 {label} + 4 registers (no register-free twin)", compare=f"dinov2_vit{dinov2}14_reg4")
+            for short, (timm_size, label, dinov2) in sizes.items()]
+
+
 PRESETS: dict[str, ModelSpec] = {
     spec.name: spec
-    for spec in _dinov2_presets() + [
+    for spec in _dinov2_presets() + _dinov3_presets() + [
         ModelSpec("deit3_vitb16", "deit3_base_patch16_224.fb_in22k_ft_in1k", "DeiT-III ViT-B/16"),
         ModelSpec("deit3_vitl16", "deit3_large_patch16_224.fb_in22k_ft_in1k", "DeiT-III ViT-L/16"),
         ModelSpec("openclip_vitb16", "vit_base_patch16_clip_224.laion2b", "OpenCLIP ViT-B/16 (LAION-2B)"),
@@ -96,7 +108,7 @@ class LoadedModel:
 
     Attributes:
         spec: What was asked for.
-        model: The timm VisionTransformer, in eval mode.
+        model: The timm model (any family ``vitlens.adapters`` reads), in eval mode.
         weights: How the weights were chosen: ``hub``, ``random``, ``synthetic`` or the file name.
         fingerprint: Identifies the exact weights (content hash, hub revision, random seed or
             synthetic demo version).
@@ -104,7 +116,7 @@ class LoadedModel:
     """
 
     spec: ModelSpec
-    model: VisionTransformer
+    model: torch.nn.Module
     weights: str
     fingerprint: str
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -213,34 +225,25 @@ def _file_fingerprint(path: Path, model_args: dict) -> str:
     return f"file:{file_digest(path)}:{sorted(model_args.items())}"
 
 
-def _create(spec: ModelSpec, model_args: dict, **kwargs: Any) -> VisionTransformer:
+def _create(spec: ModelSpec, model_args: dict, **kwargs: Any) -> torch.nn.Module:
     try:
         model = timm.create_model(spec.arch, **model_args, **kwargs)
     except (RuntimeError, ValueError, TypeError) as error:
         if isinstance(error, RuntimeError) and "pretrained" in str(error).lower():
             raise HubUnavailableError(f"timm has no pretrained weights for '{spec.arch}'; use a weights file or random weights.") from error
         raise UnknownModelError(f"Could not build '{spec.arch}': {error}") from error
-    if not isinstance(model, VisionTransformer):
-        raise UnknownModelError(f"'{spec.name}' is a timm {type(model).__name__}, not a Vision Transformer.")
-    unsupported = next((block for block in model.blocks if not _has_qkv_attention(block)), None)
-    if unsupported is not None:
-        raise UnknownModelError(f"'{spec.name}' uses {type(unsupported).__name__} blocks; vitlens reads attention only "
-                                "from timm's standard attention (a fused attn.qkv projection).")
+    check_model(model, spec.name)
     return model
 
 
-def _has_qkv_attention(block: torch.nn.Module) -> bool:
-    return isinstance(getattr(getattr(block, "attn", None), "qkv", None), torch.nn.Linear)
-
-
-def _random(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str]:
+def _random(spec: ModelSpec, model_args: dict) -> tuple[torch.nn.Module, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         model = _create(spec, model_args, pretrained=False)
     return model, _random_fingerprint(model_args)
 
 
-def _synthetic(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str]:
+def _synthetic(spec: ModelSpec, model_args: dict) -> tuple[torch.nn.Module, str]:
     """Random weights built for ``SYNTHETIC_SIDE`` px, with the demo's outliers planted (no registers only)."""
     model, _ = _random(spec, {"img_size": SYNTHETIC_SIDE, **model_args})
     plant_demo(model)
@@ -275,7 +278,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_hub(spec: ModelSpec, model_args: dict) -> tuple[VisionTransformer, str]:
+def _from_hub(spec: ModelSpec, model_args: dict) -> tuple[torch.nn.Module, str]:
     """Load pretrained weights, from the local Hugging Face cache when they are there."""
     repo = _hub_repo(spec)
     cached = _cached_hub_file(repo)
@@ -310,7 +313,7 @@ def _parameter_bytes(arch: str, model_args: tuple) -> int:
     return sum(tensor.numel() for tensor in model.state_dict().values()) * 4
 
 
-def _from_file_or_release(spec: ModelSpec, path: Path, model_args: dict) -> tuple[VisionTransformer, str]:
+def _from_file_or_release(spec: ModelSpec, path: Path, model_args: dict) -> tuple[torch.nn.Module, str]:
     """``_from_file``; when it fails, the tensors and model it built are freed before the error goes up.
 
     The error's traceback holds the frames that held them, so whoever keeps the error (a log
@@ -345,7 +348,7 @@ def _trim_heap() -> None:
         pass  # not glibc: nothing to trim
 
 
-def _from_file(spec: ModelSpec, path: Path, model_args: dict) -> tuple[VisionTransformer, str]:
+def _from_file(spec: ModelSpec, path: Path, model_args: dict) -> tuple[torch.nn.Module, str]:
     state_dict = read_state_dict(path, max_checkpoint_bytes(spec, model_args))
     build_args = dict(model_args)
     if "img_size" not in build_args and (img_size := checkpoint_img_size(state_dict)) is not None:

@@ -30,6 +30,7 @@ import torch
 from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 
+from .adapters import adapter_for
 from .errors import WeightsError
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ def plant_demo(model: VisionTransformer) -> tuple[Cells, int] | None:
     Raises:
         WeightsError: the model cannot be planted (see ``plant``).
     """
-    if getattr(model, "num_reg_tokens", 0):
+    if adapter_for(model).prefix(model).num_registers:
         return None
     cells, layer = demo_cells(tuple(model.patch_embed.grid_size)), demo_layer(len(model.blocks))
     plant(model, cells, layer)
@@ -120,6 +121,9 @@ def plant_demo(model: VisionTransformer) -> tuple[Cells, int] | None:
 
 def _check_plantable(model: VisionTransformer, layer: int) -> None:
     name = model.default_cfg.get("architecture", type(model).__name__)
+    if not isinstance(model, VisionTransformer):
+        raise WeightsError(f"The synthetic demo plants into timm VisionTransformer blocks, and '{name}' is a timm "
+                           f"{type(model).__name__}.")
     if model.pos_embed is None:
         raise WeightsError(f"The synthetic demo plants through absolute position embeddings, which '{name}' has not.")
     if not 0 <= layer < len(model.blocks):
