@@ -309,7 +309,7 @@ def max_checkpoint_bytes(spec: ModelSpec, model_args: Mapping[str, Any] | None =
 def _parameter_bytes(arch: str, model_args: tuple) -> int:
     """Float32 bytes of the architecture's tensors, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        model = _create(ModelSpec(arch, arch, arch), dict(model_args), pretrained=False, weight_init="skip")
+        model = _create(ModelSpec(arch, arch, arch), dict(model_args), pretrained=False)  # Eva has no weight_init argument
     return sum(tensor.numel() for tensor in model.state_dict().values()) * 4
 
 
