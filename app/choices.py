@@ -46,9 +46,10 @@ def check_model(name: str) -> ModelSpec:
 
 
 def pair_of(name: str) -> str | None:
-    """The same model with (or without) registers: the preset's pair, or the timm name swapped."""
+    """The same model with (or without) registers: the preset's pair, or the timm name swapped; for a
+    preset without such a twin (DINOv3), the model it is compared with (``ModelSpec.compare``)."""
     if name in PRESETS:
-        pair = PRESETS[name].pair
+        pair = PRESETS[name].pair or PRESETS[name].compare
     elif "_reg4_dinov2" in name:
         pair = name.replace("_reg4_dinov2", "_dinov2")
     elif "_dinov2" in name:

@@ -19,7 +19,7 @@ from choices import weights_label
 from figures import EmergenceCurve, NormHistogram, Overlay, Table
 from jobs import Job, boards, watch
 from uploads import display_uri, image_name
-from vitlens.analysis.attention import ClsOutlierAttention, attention_maps, cls_outlier_attention
+from vitlens.analysis.attention import AttentionMaps, ClsOutlierAttention, attention_maps, cls_outlier_attention, pool_attention_map
 from vitlens.analysis.embedding import TokenEmbedding, token_embedding
 from vitlens.analysis.outliers import OutlierResult, find_outliers
 from vitlens.capture import Trace
@@ -160,12 +160,18 @@ def emergence(request: Request, ref: str | None, threshold: float | None) -> Eme
 
 @dataclass(frozen=True, eq=False)
 class AttentionPanel:
-    """One model's prefix-token attention maps for one image and layer, and CLS's attention on outliers."""
+    """One model's query attention maps for one image and layer, and CLS's attention on outliers.
+
+    Attributes:
+        note: What this model has to show, when it is not CLS and registers (e.g. only an
+            attention-pool query, or no query at all); None otherwise.
+    """
 
     label: str
     overlays: list[Overlay]
     num_registers: int
     cls_mass: ClsOutlierAttention | None
+    note: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,26 +181,55 @@ class AttentionView:
 
 
 def attention(request: Request, ref: str, layer: int, head: int | None, threshold: float | None) -> AttentionView:
-    """Attention maps of CLS and each register over the patches (per head or averaged), per model."""
+    """Attention maps of CLS, each register and an attention-pool query over the patches, per model."""
     result = captured(request)
     index = request.images.index(ref)
     panels, rows = [], []
-    head_text = "mean over heads" if head is None else f"head {head}"
     for run in result.runs:
         trace = run.traces[index]
         check_layer(layer, trace.num_layers)
-        maps = attention_maps(trace, layer, head)
         found = outliers_of(run, index, threshold)
-        overlays = [Overlay(title=f"{run.name}: <b>{name}</b> ({maps.patch_mass[i]:.0%} on patches)", values=maps.maps[i],
-                            image=display_uri(ref, trace), mask=found.masks[layer],
-                            colorbar=f"attention (layer {layer}, {head_text})", value_name="attention")
-                    for i, name in enumerate(maps.names)]
+        queries = [(maps, found.masks[layer], _head_text(head)) for maps in [attention_maps(trace, layer, head)]]
+        pool_head = head if head is not None and head < _pool_heads(trace) else None
+        pool = pool_attention_map(trace, pool_head)
+        if pool is not None:
+            queries.append((pool, found.masks[-1], f"after the last block, {_head_text(pool_head, _pool_heads(trace))}"))
+        overlays = [Overlay(title=f"{run.name}: <b>{name}</b> ({maps.patch_mass[i]:.0%} on patches)",
+                            values=maps.maps[i], image=display_uri(ref, trace), mask=mask,
+                            colorbar=f"attention (layer {layer}, {_head_text(head)})", value_name="attention")
+                    for maps, mask, _ in queries for i, name in enumerate(maps.names)]
         mass = cls_outlier_attention(trace, found, head) if trace.layout.cls_index is not None else None
-        panels.append(AttentionPanel(label=run.short, overlays=overlays, num_registers=run.num_registers, cls_mass=mass))
-        for i, name in enumerate(maps.names):
-            rows += [[run.name, image_name(ref), layer, head_text, name, r, c, float(v)] for (r, c), v in np.ndenumerate(maps.maps[i])]
+        panels.append(AttentionPanel(label=run.short, overlays=overlays, num_registers=run.num_registers, cls_mass=mass,
+                                     note=_queries_note(run.name, trace)))
+        rows += [[run.name, image_name(ref), maps.layer, text, name, r, c, float(v)]
+                 for maps, _, text in queries for i, name in enumerate(maps.names) for (r, c), v in np.ndenumerate(maps.maps[i])]
     table = Table(["model", "image", "layer", "head", "query", "row", "col", "attention"], rows)
     return AttentionView(panels=panels, table=table)
+
+
+def _head_text(head: int | None, num_heads: int | None = None) -> str:
+    if head is not None:
+        return f"head {head}"
+    return "mean over heads" if num_heads is None else f"mean over its {num_heads} heads"
+
+
+def _pool_heads(trace: Trace) -> int:
+    return 0 if trace.pool_attention is None else trace.pool_attention.shape[0]
+
+
+def _queries_note(name: str, trace: Trace) -> str | None:
+    """What there is to see for a model without the usual CLS-and-registers prefix; None when it has them."""
+    layout, pool = trace.layout, trace.pool_attention is not None
+    pool_text = (" Its attention-pool head's query (what the model pools the image with, reading the last block's "
+                 "output) is shown instead, with the last block's outliers outlined.")
+    if layout.num_prefix == 0:
+        return f"{name} has no class token and no registers, so no token queries the others." + (
+            pool_text if pool else " It has no attention-pool head either: there is no attention map to show.")
+    if layout.num_registers == 0:
+        return (f"{name} has no register tokens, so only CLS attention is shown"
+                + (" with its attention-pool query." if pool else ".")
+                + " Choose a model with registers (for example dinov2_vits14_reg4) to see what registers attend to.")
+    return None
 
 
 def state_layers_for(result: Captured, layer: int) -> tuple[int, ...]:

@@ -203,7 +203,8 @@ def _model_and_images() -> data.Request | None:
         return None
     pair = data.pair_of(name)
     if pair:
-        st.checkbox(f"Compare with {pair}", key="compare", help="The same model with/without registers, side by side.")
+        st.checkbox(f"Compare with {pair}", key="compare", help="Side by side: the same model with/without registers, or "
+                                                                "for DINOv3 (no register-free twin) the DINOv2 of about its size.")
     register = _register_control(name)
     weights, pair_weights = _weights_controls(pair)
     side = _side_control(patch)

@@ -73,3 +73,20 @@ def test_real_tiny_model_attention_is_a_distribution():
     mass = cls_outlier_attention(trace, layer_outliers(trace, threshold=float(np.median(trace.norms))))
     np.testing.assert_allclose(mass.outlier_mass + mass.normal_mass + mass.prefix_mass, 1.0, rtol=1e-4)
     assert mass.num_outliers.sum() > 0
+
+
+def test_pool_attention_map_reads_the_attention_pool_query():
+    import dataclasses
+
+    from vitlens.analysis.attention import POOL_QUERY, pool_attention_map
+
+    trace = synthetic_trace(grid=(2, 3), num_registers=0, cls=False)
+    assert trace.attention.shape[2] == 0 and pool_attention_map(trace) is None
+    pool = np.zeros((2, 1, 6), dtype=np.float32)  # [pool_head, query, token]
+    pool[0, 0, 4] = 1.0
+    pool[1, 0, 1] = 1.0
+    maps = pool_attention_map(dataclasses.replace(trace, pool_attention=pool))
+    assert maps.names == [POOL_QUERY] and maps.layer == trace.num_layers - 1
+    np.testing.assert_allclose(maps.maps[0], [[0, 0.5, 0], [0, 0.5, 0]])
+    np.testing.assert_allclose(pool_attention_map(dataclasses.replace(trace, pool_attention=pool), head=0).maps[0],
+                               [[0, 0, 0], [0, 1, 0]])

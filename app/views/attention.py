@@ -1,4 +1,4 @@
-"""Attention: where CLS and each register look, per head or averaged, and CLS's attention on outliers."""
+"""Attention: where CLS, each register and an attention-pool query look, per head or averaged, and CLS's attention on outliers."""
 import streamlit as st
 
 import data
@@ -30,11 +30,11 @@ with controls[3]:
     ref = ui.image_picker(request)
 
 view = ui.fetch(image_data.attention, request, ref, layer, None if head == "mean" else head, ui.threshold())
-if not any(panel.num_registers for panel in view.panels):
-    names = ", ".join(run.choice.name for run in result.runs)
-    st.info(f"{names} has no register tokens, so only CLS attention is shown. Choose a model with registers "
-            "(for example dinov2_vits14_reg4) to see what registers attend to.")
+for note in dict.fromkeys(panel.note for panel in view.panels if panel.note):
+    st.info(note)
 overlays = [overlay for panel in view.panels for overlay in panel.overlays]
+if not overlays:
+    st.stop()
 shared = st.toggle("One colour scale for all maps", key="shared_scale",
                    help="Off: each map runs from its own lowest to its highest value, so a query with weak attention "
                         "still shows where it looks. On: all maps share one scale, so their strengths compare.")

@@ -117,6 +117,34 @@ def attention_maps(trace: Trace, layer: int, head: int | None = None) -> Attenti
     )
 
 
+POOL_QUERY = "attention-pool query"
+
+
+def pool_attention_map(trace: Trace, head: int | None = None) -> AttentionMaps | None:
+    """Where the attention-pool head (SigLIP-style ``global_pool='map'``) looks: its query's attention.
+
+    The pool reads the output of the last block (after the final norm), so ``layer`` is the last
+    block. It has its own number of heads (``trace.pool_attention.shape[0]``).
+
+    Args:
+        trace: One image's capture.
+        head: One of the pool's heads, or None for their mean.
+
+    Returns:
+        The maps (one per latent query, named ``attention-pool query``), or None without such a head.
+
+    Raises:
+        OptionError: head out of range.
+    """
+    if trace.pool_attention is None:
+        return None
+    attention = _heads(trace.pool_attention, head)  # [query, token]
+    layout = trace.layout
+    names = [POOL_QUERY] if len(attention) == 1 else [f"{POOL_QUERY} {i}" for i in range(len(attention))]
+    return AttentionMaps(layer=trace.num_layers - 1, head=head, names=names, maps=layout.patch_grid(attention),
+                         to_prefix=attention[:, :layout.num_prefix])
+
+
 def cls_outlier_attention(trace: Trace, outliers: LayerOutliers, head: int | None = None) -> ClsOutlierAttention:
     """How much of CLS's attention the outlier patches receive, layer by layer.
 
