@@ -284,3 +284,19 @@ def test_synthetic_demo_refuses_a_rope_model_in_one_sentence():
         load_model("eva02_tiny_patch14_224", "synthetic", model_args=dict(depth=2, embed_dim=64, num_heads=4))
     dinov3 = load_model("vit_small_patch16_dinov3", "synthetic", model_args=dict(depth=2, embed_dim=64, num_heads=4))
     assert dinov3.weights == "synthetic"  # registers: left clean, as for DINOv2 with registers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["dinov3", "pe_core", "gqa_qk_norm", "siglip_map"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_capture_of_each_family_matches_the_cpu(family, precision):
+    loaded = _tiny(family)
+    x = torch.randn(2, 3, *loaded.native_size, generator=torch.Generator().manual_seed(6))
+    expected = capture(loaded, x)
+    on_gpu = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).cuda())
+    tolerance = dict(rtol=1e-4, atol=1e-4) if precision == "fp32" else dict(rtol=5e-2, atol=5e-2)
+    for trace, reference in zip(capture(on_gpu, x, precision=precision), expected):
+        np.testing.assert_allclose(trace.norms, reference.norms, **tolerance)
+        np.testing.assert_allclose(trace.attention, reference.attention, **tolerance)
+        if reference.pool_attention is not None:
+            np.testing.assert_allclose(trace.pool_attention, reference.pool_attention, **tolerance)

@@ -309,7 +309,8 @@ def max_checkpoint_bytes(spec: ModelSpec, model_args: Mapping[str, Any] | None =
 def _parameter_bytes(arch: str, model_args: tuple) -> int:
     """Float32 bytes of the architecture's tensors, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        model = _create(ModelSpec(arch, arch, arch), dict(model_args), pretrained=False)  # Eva has no weight_init argument
+        skip_init = {"weight_init": "skip"} if timm.models.is_model_in_modules(arch, ["vision_transformer"]) else {}
+        model = _create(ModelSpec(arch, arch, arch), dict(model_args), pretrained=False, **skip_init)  # Eva has no such argument
     return sum(tensor.numel() for tensor in model.state_dict().values()) * 4
 
 
