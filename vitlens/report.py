@@ -21,6 +21,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from .adapters import adapter_for
 from .analysis.lost import DEFAULT_K
 from .analysis.outliers import layer_outliers
 from .analysis.redundancy import redundancy
@@ -96,7 +97,7 @@ def _setup(loaded, model: str, weights: str, images: Path, paths: Sequence[Path]
     rows = [
         ("model", model), ("architecture", loaded.spec.arch), ("weights", str(weights)),
         ("weights fingerprint", loaded.fingerprint), ("patch size", loaded.patch_size),
-        ("registers", int(getattr(loaded.model, "num_reg_tokens", 0))),
+        ("registers", adapter_for(loaded.model).prefix(loaded.model).num_registers),
         ("images", f"{images} ({len(paths)} files, {len(failed)} unreadable)"),
         ("image files", ", ".join(str(p.relative_to(images)) if p != images else p.name for p in paths[:50])
          + (f" and {len(paths) - 50} more" if len(paths) > 50 else "")),
