@@ -300,3 +300,32 @@ def test_cuda_capture_of_each_family_matches_the_cpu(family, precision):
         np.testing.assert_allclose(trace.attention, reference.attention, **tolerance)
         if reference.pool_attention is not None:
             np.testing.assert_allclose(trace.pool_attention, reference.pool_attention, **tolerance)
+
+
+def test_a_test_time_register_is_refused_for_a_rope_model():
+    from vitlens.errors import OptionError
+    from vitlens.interventions import TestTimeRegister
+
+    loaded = _tiny("dinov3")
+    with pytest.raises(OptionError, match="only into timm VisionTransformer"):
+        capture(loaded, torch.randn(1, 3, *loaded.native_size), test_time_register=TestTimeRegister(((0, 1),)))
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in loaded.model.modules()) == 0
+
+
+def test_cli_save_adds_the_attention_pool_and_refuses_differential_attention(tmp_path, capsys):
+    from PIL import Image
+
+    from vitlens.cli import main
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (96, 64), (120, 60, 30)).save(image)
+    out = tmp_path / "pe.npz"
+    assert main(["inspect", str(image), "--model", "vit_pe_core_tiny_patch16_384", "--weights", "random", "--size", "96",
+                 "--save", str(out)]) == 0
+    arrays = np.load(out)
+    assert arrays["pool_attention"].shape == (8, 1, arrays["norms"].shape[1])
+    np.testing.assert_allclose(arrays["pool_attention"].sum(-1), 1.0, atol=1e-5)
+    capsys.readouterr()
+    assert main(["inspect", str(image), "--model", "vit_dlittle_patch16_reg1_gap_256", "--weights", "random"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DiffAttention" in err[0]

@@ -281,8 +281,10 @@ def check_save_path(path: Path) -> None:
 
 
 def save_npz(path: Path, result: TraceResult, outliers: LayerOutliers) -> None:
-    """Write the arrays of the CLI contract (see DESIGN.md) to ``path`` (checked by ``check_save_path``)."""
+    """Write the arrays of the CLI contract (see DESIGN.md) to ``path`` (checked by ``check_save_path``),
+    plus ``pool_attention`` [pool_head, query, T] for a model with an attention-pool head."""
     trace = result.trace
+    pool = {} if trace.pool_attention is None else {"pool_attention": trace.pool_attention.astype(np.float32)}
     try:
         with open(path, "wb") as handle:  # a file object: numpy never appends a suffix to it
             np.savez_compressed(
@@ -295,6 +297,7 @@ def save_npz(path: Path, result: TraceResult, outliers: LayerOutliers) -> None:
                 grid=np.array(trace.layout.grid),
                 num_prefix_tokens=np.array(trace.layout.num_prefix),
                 num_registers=np.array(trace.layout.num_registers),
+                **pool,
             )
     except OSError as error:
         raise OptionError(f"Cannot write '{path}': {error.strerror or error}.") from error

@@ -76,8 +76,13 @@ def check_register(model: VisionTransformer, register: TestTimeRegister) -> None
     """Refuse neurons the model does not have.
 
     Raises:
-        OptionError: a block or neuron index out of range, or a block without a linear ``mlp.fc2``.
+        OptionError: a model other than a timm VisionTransformer (an Eva's rotary embedding would
+            treat the inserted token as a patch), a block or neuron index out of range, or a
+            block without a linear ``mlp.fc2``.
     """
+    if not isinstance(model, VisionTransformer):
+        raise OptionError(f"A test-time register is inserted only into timm VisionTransformer models, and this is a timm "
+                          f"{type(model).__name__}.")
     for layer, neurons in register.by_layer().items():
         if not 0 <= layer < len(model.blocks):
             raise OptionError(f"Register neuron block {layer} is out of range: the model has {len(model.blocks)} blocks.")
