@@ -30,6 +30,9 @@ PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "e
              "embed_model", "emergence_scope", "figure_format", "shared_scale",
              "register_init", "register_patches", "test_time_register", "neuron_detector", "neuron_max_layer",
              "neuron_top", "neuron_sparse", "sink_layers")  # page widgets whose values follow the user
+SIDEBAR_KEYS = ("model", "custom_model", "compare", "weights_mode", "weights_file", "pair_weights", "side", "images",
+                "threshold_auto", "threshold_value", "test_time_register")  # sidebar widgets an error run does not draw
+MIN_PATCHES = 4  # the input side is at least this many patches
 MAIN_WIDTH = 900  # pixels the main column gives figures in a 1400-pixel window (grid figures are drawn this wide)
 
 
@@ -109,8 +112,9 @@ def _capped(refs: list[str], source: str) -> list[str]:
 
 
 def keep_page_state() -> None:
-    """Keep page widgets' values while the user is on pages that do not draw them."""
-    for key in PAGE_KEYS:
+    """Keep widgets' values while they are not drawn: page widgets on other pages, sidebar widgets while an
+    error hides them (Streamlit drops the state of a widget a run does not draw, unless the script set it)."""
+    for key in PAGE_KEYS + SIDEBAR_KEYS:
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
 
@@ -293,11 +297,10 @@ def _on_weights_upload() -> None:
 def _side_control(patch: int) -> int:
     state = st.session_state
     max_side = data.settings().max_side
+    lowest = min(MIN_PATCHES * patch, max_side // patch * patch)
     side = int(state.get("side") or DEFAULT_SIDE)
-    snapped = min(max(patch, round(side / patch) * patch), max_side // patch * patch)
-    if snapped != side:
-        state["side"] = snapped
-    st.number_input("Input side (px)", min_value=patch, max_value=max_side // patch * patch, step=patch, key="side",
+    state["side"] = min(max(lowest, round(side / patch) * patch), max_side // patch * patch)
+    st.number_input("Input side (px)", min_value=lowest, max_value=max_side // patch * patch, step=patch, key="side",
                     help=f"Longer image side fed to the model; a multiple of the patch size ({patch}).")
     return int(state["side"])
 

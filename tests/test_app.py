@@ -308,7 +308,7 @@ def test_a_garbled_link_opens_with_messages_not_tracebacks(weights_dir):
     assert "Weights file '../../etc/passwd' from the link is not in the weights folder" in warnings
     at.radio(key="weights_mode").set_value("random").run()
     _ok(at)
-    assert at.number_input(key="side").value == 14 and at.slider(key="layer").value == 5
+    assert at.number_input(key="side").value == 4 * 14 and at.slider(key="layer").value == 5
 
 
 def test_pooled_layers_stay_valid_when_the_layer_moves(weights_dir):
@@ -509,3 +509,40 @@ def test_uploaded_weights_are_bounded_least_recently_used_first(monkeypatch, tmp
         choices.weights_path(second)
     with pytest.raises(choices.WeightsError, match="keeps uploaded weights up to"):
         choices.add_weights_upload("huge.pth", b"x" * 4000)
+
+
+@pytest.fixture
+def stale_widgets_dropped(monkeypatch):
+    """Make every run drop the state of the widgets it did not draw, as a served run that is not stopped
+    does (AppTest skips it: the run's context is detached by then; a page's ``st.stop`` skips it too)."""
+    from streamlit.runtime.state import session_state
+    from streamlit.testing.v1.local_script_runner import LocalScriptRunner
+
+    attached, last = session_state.get_script_run_ctx, {}
+
+    def on_finished(self, ctx, event, premature_stop, run_descriptor):
+        last["ctx"] = ctx
+        self._session_state.on_script_finished(ctx.shared.widget_ids_this_run.snapshot())
+        self.on_event.send(self, event=event, run_descriptor=run_descriptor)
+
+    monkeypatch.setattr(LocalScriptRunner, "_on_script_finished", on_finished)
+    monkeypatch.setattr(session_state, "get_script_run_ctx", lambda *a, **k: attached(*a, **k) or last.get("ctx"))
+
+
+def test_an_error_rerun_keeps_the_sidebar_url_and_page_in_agreement(stale_widgets_dropped):
+    """A bad timm name hides most of the sidebar for one rerun; clearing it brings the same view back."""
+    query = dict(model="dinov2_vits14_reg4", weights="synthetic", side="224", threshold="60", images="astronaut")
+    at = _app(**query).run()
+    _ok(at)
+    at.text_input(key="custom_model").set_value("foo").run()
+    assert not at.exception and len(at.error) >= 1
+    at.text_input(key="custom_model").set_value("").run()
+    _ok(at)
+    assert at.number_input(key="side").value == 224 and at.checkbox(key="compare").value
+    assert at.radio(key="weights_mode").value == "synthetic" and at.number_input(key="threshold_value").value == 60
+    assert at.multiselect(key="images").value == ["astronaut"]
+    assert {k: at.query_params[k] for k in query} == query and at.query_params["compare"] == "1"
+    assert [_title(f).split("<br>")[0] for f in _figures(at)] == ["dinov2_vits14_reg4", "dinov2_vits14"]
+    at.slider(key="layer").set_value(3).run()  # the next move keeps both models at 224 px
+    _ok(at)
+    assert len(_figures(at)) == 2 and at.number_input(key="side").value == 224
