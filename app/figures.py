@@ -33,6 +33,7 @@ REGISTER_COLOUR = "#1b9e77"
 IMAGE_COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#9d755d", "#72b7b2", "#bab0ac", "#eeca3b")
 IMAGE_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "triangle-down", "pentagon", "hexagon")
 COLOURBAR_PX = 80  # what a vertical colour bar with tick labels and a title takes beside the plot
+OWN_BAR_PX = 76  # what a thin per-map colour bar with 9-px tick labels (up to 9 characters) takes beside its map
 DOWNLOAD_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
@@ -95,7 +96,26 @@ def _cell_axes(fig: go.Figure, grid: tuple[int, int], row: int | None = None, co
                      constrain="domain", title_text="row", row=row, col=col)
 
 
-def _overlay_traces(overlay: Overlay, opacity: float, coloraxis: str | None, show_outline_legend: bool) -> list[go.BaseTraceType]:
+def shared_range(overlays: Sequence[Overlay]) -> tuple[float, float]:
+    """One colour range for maps that are compared: the lowest to the highest value of all of them."""
+    return (float(min(np.nanmin(o.values) for o in overlays)), float(max(np.nanmax(o.values) for o in overlays)))
+
+
+def scale_ticks(low: float, high: float, count: int = 3) -> tuple[list[float], list[str]]:
+    """``count`` evenly spaced tick values from ``low`` to ``high`` and labels with just enough significant
+    digits (2 to 6) to tell them apart; one tick when the range is empty."""
+    if not high > low:
+        return [low], [f"{low:.3g}"]
+    values = list(np.linspace(low, high, count))
+    for digits in range(2, 7):
+        labels = [f"{value:.{digits}g}" for value in values]
+        if len(set(labels)) == len(labels):
+            return values, labels
+    return values, labels
+
+
+def _overlay_traces(overlay: Overlay, opacity: float, coloraxis: str | None, show_outline_legend: bool,
+                    scale: tuple[float, float] | None = None) -> list[go.BaseTraceType]:
     rows, cols = overlay.grid
     heat = go.Heatmap(
         z=overlay.values, x=np.arange(cols), y=np.arange(rows), opacity=opacity, name=overlay.title,
@@ -105,7 +125,7 @@ def _overlay_traces(overlay: Overlay, opacity: float, coloraxis: str | None, sho
     if coloraxis:
         heat.update(coloraxis=coloraxis)
     else:  # the colour bar comes from an invisible trace, so the heat map's opacity does not fade it
-        low, high = float(np.nanmin(overlay.values)), float(np.nanmax(overlay.values))
+        low, high = scale or (float(np.nanmin(overlay.values)), float(np.nanmax(overlay.values)))
         heat.update(colorscale=HEAT, zmin=low, zmax=high, showscale=False)
         traces.append(go.Scatter(
             x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False, name="colour bar",
@@ -131,12 +151,14 @@ def grid_plot_height(grid: tuple[int, int], plot_width: float) -> float:
     return plot_width * rows / cols
 
 
-def overlay_figure(overlay: Overlay, opacity: float = 0.6, width: int = 460, max_height: int = 900) -> go.Figure:
+def overlay_figure(overlay: Overlay, opacity: float = 0.6, width: int = 460, max_height: int = 900,
+                   scale: tuple[float, float] | None = None) -> go.Figure:
     """A heat map over its picture, outlier cells outlined, hover with row, col and value.
 
     The figure is ``width`` pixels wide and as tall as square cells need (at most ``max_height``).
+    ``scale``: the colour range (low, high), e.g. ``shared_range`` of compared maps; None: the map's own.
     """
-    fig = go.Figure(_overlay_traces(overlay, opacity, None, show_outline_legend=True))
+    fig = go.Figure(_overlay_traces(overlay, opacity, None, show_outline_legend=True, scale=scale))
     if overlay.image:
         fig.add_layout_image(_background(overlay))
     _cell_axes(fig, overlay.grid)
@@ -161,9 +183,9 @@ def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int
     columns = columns or len(overlays)
     rows = -(-len(overlays) // columns)
     grid = overlays[0].grid
-    margin = dict(l=10, r=COLOURBAR_PX + 10 if shared_scale else 50, t=70 if title else 40, b=40)
+    margin = dict(l=10, r=COLOURBAR_PX + 10 if shared_scale else OWN_BAR_PX, t=70 if title else 40, b=40)
     plot_width = width - margin["l"] - margin["r"]
-    gap, row_gap = (14 if shared_scale else 62), 44  # pixels between maps: a thin colour bar fits in 62
+    gap, row_gap = (14 if shared_scale else OWN_BAR_PX), 44  # pixels between maps: a thin colour bar and its labels fit
     cell_width = (plot_width - gap * (columns - 1)) / columns
     cell_height = grid_plot_height(grid, cell_width)
     plot_height = rows * cell_height + (rows - 1) * row_gap
@@ -196,10 +218,11 @@ def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int
 def _own_scale(overlay: Overlay, x_domain: Sequence[float], y_domain: Sequence[float]) -> dict:
     """A colour axis spanning one map's values, its thin colour bar just right of the map."""
     low, high = float(np.nanmin(overlay.values)), float(np.nanmax(overlay.values))
+    values, labels = scale_ticks(low, high)
     return dict(colorscale=HEAT, cmin=low, cmax=high if high > low else low + 1e-9,
                 colorbar=dict(x=x_domain[1] + 0.004, xanchor="left", y=(y_domain[0] + y_domain[1]) / 2, yanchor="middle",
-                              len=y_domain[1] - y_domain[0], thickness=9, tickfont=dict(size=9), nticks=3,
-                              tickformat=".4~g", outlinewidth=0))
+                              len=y_domain[1] - y_domain[0], thickness=9, tickfont=dict(size=9), tickmode="array",
+                              tickvals=values, ticktext=labels, outlinewidth=0))
 
 
 @dataclass(frozen=True, eq=False)

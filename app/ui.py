@@ -27,7 +27,7 @@ WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "synthetic": "synthe
                 "random": "random weights", "file": "local weights file", "upload": "upload a weights file"}
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "embed_method",
-             "embed_model", "emergence_scope", "figure_format", "shared_scale",
+             "embed_model", "emergence_scope", "figure_format", "shared_scale", "norm_scale_shared",
              "register_init", "register_patches", "test_time_register", "neuron_detector", "neuron_max_layer",
              "neuron_top", "neuron_sparse", "sink_layers")  # page widgets whose values follow the user
 SIDEBAR_KEYS = ("model", "custom_model", "compare", "weights_mode", "weights_file", "pair_weights", "side", "images",

@@ -125,6 +125,12 @@ def test_norm_maps_outline_the_planted_cells_and_follow_layer_and_post_norm(weig
     at = _planted_app(weights_dir)
     _ok(at)
     planted, clean = _figures(at)
+    ranges = [[(t["zmin"], t["zmax"]) for t in f["data"] if t["type"] == "heatmap"] for f in (planted, clean)]
+    assert ranges[0] == ranges[1]  # one colour scale for the compared models by default
+    at.toggle(key="norm_scale_shared").set_value(False).run()
+    ranges = [[(t["zmin"], t["zmax"]) for t in f["data"] if t["type"] == "heatmap"] for f in _figures(at)]
+    assert ranges[0] != ranges[1]
+    at.toggle(key="norm_scale_shared").set_value(True).run()
     assert _title(planted).startswith("vitlens_test_tiny_patch14_dinov2<br><sup>tiny_planted.safetensors<br>layer 4 · 3 outliers")
     assert _outlined(planted) == set(PLANTED_CELLS)
     assert _outlined(clean) == set()

@@ -222,3 +222,25 @@ def test_a_click_on_a_histogram_bar_gives_its_lower_edge():
     assert ui.threshold_from_selection({"points": [], "box": [{"x": [90.0, 40.0]}]}) == 40.0
     assert ui.threshold_from_selection({"points": [], "box": []}) is None
     assert ui.threshold_from_selection({"points": [{"x": -3.0}]}) is None
+
+
+def test_compared_norm_maps_can_share_one_colour_scale():
+    clean, artifacts = Overlay("reg", np.linspace(5, 22, 12).reshape(3, 4)), Overlay("plain", np.linspace(20, 100, 12).reshape(3, 4))
+    scale = figures.shared_range([clean, artifacts])
+    assert scale == (5.0, 100.0)
+    ranges = [(h.zmin, h.zmax) for f in (figures.overlay_figure(o, scale=scale) for o in (clean, artifacts))
+              for h in f.data if h.type == "heatmap"]
+    assert ranges == [scale, scale]
+    own = [h for h in figures.overlay_figure(clean).data if h.type == "heatmap"]
+    assert (own[0].zmin, own[0].zmax) == (5.0, 22.0)
+
+
+def test_own_attention_colour_bars_have_distinct_tick_labels_that_fit():
+    flat = Overlay("q", 0.0038310 + np.arange(12).reshape(3, 4) * 1e-8)  # nearly uniform attention
+    fig = figures.overlay_grid([flat, Overlay("r", np.arange(12, dtype=float).reshape(3, 4) / 66)], shared_scale=False)
+    for axis in (fig.layout.coloraxis, fig.layout.coloraxis2):
+        labels = list(axis.colorbar.ticktext)
+        assert len(labels) == 3 and len(set(labels)) == 3, labels
+        assert max(map(len, labels)) * 5.5 + axis.colorbar.thickness + 8 <= figures.OWN_BAR_PX  # 9-px digits
+    assert fig.layout.margin.r >= figures.OWN_BAR_PX
+    assert figures.scale_ticks(2.0, 2.0) == ([2.0], ["2"])

@@ -15,6 +15,7 @@ ui.notes(result)
 
 st.session_state.setdefault("opacity", 0.6)
 st.session_state.setdefault("post_norm", False)
+st.session_state.setdefault("norm_scale_shared", True)
 controls = st.columns([4, 3, 3, 3])
 with controls[0]:
     layer = ui.layer_slider(result.num_layers)
@@ -29,10 +30,15 @@ with controls[3]:
 
 threshold = ui.threshold()
 maps = ui.fetch(image_data.norm_maps, request, ref, layer, post_norm, threshold)
+shared = len(maps.overlays) > 1 and st.toggle(
+    "One colour scale for all models", key="norm_scale_shared",
+    help="On: the same colour means the same norm in every map, so the models compare at a glance. "
+         "Off: each map runs from its own lowest to its highest norm.")
+scale = figures.shared_range(maps.overlays) if shared else None
 width = ui.MAIN_WIDTH // len(maps.overlays) - 16
 for index, (column, overlay) in enumerate(zip(st.columns(len(maps.overlays)), maps.overlays)):
     with column:
-        ui.chart(figures.overlay_figure(overlay, opacity, width=min(width, 640)), key=f"norm-map-{index}")
+        ui.chart(figures.overlay_figure(overlay, opacity, width=min(width, 640), scale=scale), key=f"norm-map-{index}")
 if post_norm:
     st.info("After the final LayerNorm every token has a similar norm, so the outliers hide: this is why reading "
             "`get_intermediate_layers(norm=True)` shows no artifacts. The layer slider does not apply here.")
