@@ -7,6 +7,7 @@ widgets are drawn and ``sync_url`` after the sidebar.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Callable, TypeVar
 
@@ -33,6 +34,7 @@ PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "e
 SIDEBAR_KEYS = ("model", "custom_model", "compare", "weights_mode", "weights_file", "pair_weights", "side", "images",
                 "threshold_auto", "threshold_value", "test_time_register")  # sidebar widgets an error run does not draw
 MIN_PATCHES = 4  # the input side is at least this many patches
+_WAITS = itertools.count()  # numbers the progress areas' cancel buttons
 MAIN_WIDTH = 900  # pixels the main column gives figures in a 1400-pixel window (grid figures are drawn this wide)
 
 
@@ -440,7 +442,9 @@ def _wait(job: data.Job, area, while_waiting: Callable[[], None] | None) -> None
         if while_waiting is not None:
             while_waiting()
         bar = st.progress(0.0, text=job.describe())
-        st.button("Cancel", key=f"cancel-{abs(hash(job.key))}", on_click=job.cancel)
+        # a fresh key per wait: one run may wait on the same job twice (two fetches, or a job restarted after it was
+        # abandoned), and two buttons with one key stop the page
+        st.button("Cancel", key=f"cancel-{abs(hash(job.key))}-{next(_WAITS)}", on_click=job.cancel)
         st.caption("You can browse other pages meanwhile: the work goes on in the background.")
     tick = 0
     while not job.finished:

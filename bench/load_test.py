@@ -439,11 +439,12 @@ def _browser_session(url: str, run: Run, session: int, args: argparse.Namespace,
                 try:
                     page.goto(link, timeout=args.timeout * 1000)
                     page.wait_for_function("() => document.querySelectorAll('[data-testid=stMain] .js-plotly-plot').length"
-                                           " > 0 || document.querySelector('[data-testid=stAlert]') !== null",
+                                           " > 0 || document.querySelector('[data-testid=stMain] [data-testid=stException],"
+                                           " [data-testid=stMain] [data-testid=stAlert]') !== null",
                                            timeout=args.timeout * 1000)
-                    alert = page.locator("[data-testid=stMain] [data-testid=stAlert]")
-                    state = "failed" if alert.count() and not page.locator(".js-plotly-plot").count() else "done"
-                    message = alert.first.inner_text()[:200] if state == "failed" else ""
+                    problem = page.locator("[data-testid=stMain] [data-testid=stException], [data-testid=stMain] [data-testid=stAlert]")
+                    state = "done" if page.locator(".js-plotly-plot").count() else "failed"
+                    message = problem.first.inner_text()[:200] if state == "failed" and problem.count() else ""
                     run.add(Outcome(session, request, time.monotonic() - start, state, message))
                 except Exception as error:  # counted, reported, never hidden
                     run.add(Outcome(session, request, time.monotonic() - start, "error", f"{type(error).__name__}: {error}"[:200]))
@@ -475,7 +476,7 @@ def _hostile_session(client: Client, url: str, args: argparse.Namespace, report:
             browser.close()
     start = time.monotonic()
     try:
-        client.compute_traces([_image(-2, 0, 0)], args.model, BOMB, CaptureOptions(side=args.side), timeout=args.timeout)
+        client.compute_traces([_image(999, 0, 0)], args.model, BOMB, CaptureOptions(side=args.side), timeout=args.timeout)
         report["bomb"] = "accepted (!)"
     except VitlensError as error:
         report["bomb"] = f"refused in {time.monotonic() - start:.1f} s: {error}"

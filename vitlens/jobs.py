@@ -502,8 +502,9 @@ class JobQueue:
         """A connection to a queue whose tables are readable (repairing it first when needed)."""
         try:
             return self._probe()
-        except sqlite3.DatabaseError as error:
-            log.warning("job queue %s is unusable (%s); repairing it", self.db_path, error)
+        except sqlite3.DatabaseError as error:  # a new queue has no tables yet: only other errors are worth a warning
+            log.log(logging.INFO if "no such table" in str(error) else logging.WARNING,
+                    "job queue %s is unusable (%s); repairing it", self.db_path, error)
         try:
             with self._repair_lock():
                 self._repair()
