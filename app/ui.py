@@ -204,8 +204,7 @@ def _model_and_images() -> data.Request | None:
     try:
         patch = data.patch_size(data.check_model(name))
     except VitlensError as error:
-        state["request_error"] = str(error)
-        st.error(str(error))
+        state["request_error"] = str(error)  # shown once, by the page (page_request)
         return None
     pair = data.pair_of(name)
     if pair:
