@@ -39,3 +39,7 @@ class NeuronFileError(VitlensError):
 
 class UnsupportedModelError(UnknownModelError):
     """A timm model vitlens cannot read exactly (e.g. attention it cannot recompute); refused at load."""
+
+
+class ResultsError(VitlensError):
+    """A sweep results folder is missing, empty, or not in the sweep's schema."""
