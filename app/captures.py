@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import streamlit as st
 
-from choices import WEIGHTS_FILE_PREFIX, WEIGHTS_UPLOAD_PREFIX, weights_id, weights_label, weights_path
+from choices import (NAMED_WEIGHTS, SWEEP_WEIGHTS_PREFIX, WEIGHTS_FILE_PREFIX, WEIGHTS_UPLOAD_PREFIX, sweep_checkpoint,
+                     weights_id, weights_label, weights_path)
 from jobs import Job, boards, watch
 from resources import engine, settings
 from uploads import image
@@ -198,8 +200,25 @@ def _hosted_traces(images: Sequence[DecodedImage], model: str, weights: str, opt
         raise WeightsError("Uploaded weights files work only when the app runs its own captures (VITLENS_MODE=embedded); "
                            "put the file in the weights folder instead.")
     name = weights[len(WEIGHTS_FILE_PREFIX):] if weights.startswith(WEIGHTS_FILE_PREFIX) else weights
+    if weights.startswith(SWEEP_WEIGHTS_PREFIX):
+        name = _worker_name(sweep_checkpoint(weights))
     report = (lambda status: progress(status.done, max(status.total, 1))) if progress else None
     return get_client(settings()).compute_traces(images, model, name, options, report)
+
+
+def _worker_name(weights: str) -> str:
+    """How the worker names a sweep's checkpoint: as it is when named, else its file name in the weights folder.
+
+    Raises:
+        WeightsError: the checkpoint is not a file directly in the weights folder.
+    """
+    folder = settings().weights_dir
+    if weights in NAMED_WEIGHTS:
+        return weights
+    if folder is None or Path(weights).parent.resolve() != folder.resolve():
+        raise WeightsError("In hosted mode the worker loads only files in the weights folder (VITLENS_WEIGHTS_DIR), "
+                           "and this checkpoint is not there; copy it there or run the app in embedded mode.")
+    return Path(weights).name
 
 
 def _capture(request: Request, state_layers: tuple[int, ...], job: Job) -> Captured:

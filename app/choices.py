@@ -1,8 +1,9 @@
 """Model and weights choices the deployment offers, and what a weights choice means.
 
 A weights choice is ``hub``, ``synthetic``, ``random``, ``file:<name>`` (a file in
-``Settings.weights_dir``) or ``upload:<name>`` (a file uploaded in the browser); a path typed
-in the browser is never one.
+``Settings.weights_dir``), ``upload:<name>`` (a file uploaded in the browser) or
+``sweep:<results folder>|<weights>`` (a checkpoint a sweep in ``Settings.results_dir`` ran: the
+operator chose those files); a path typed in the browser is never one.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from pathlib import Path
 import timm
 
 from resources import settings
-from vitlens.errors import UnknownModelError, WeightsError
+from vitlens.analysis.population import weights_in
+from vitlens.errors import UnknownModelError, VitlensError, WeightsError
 from vitlens.models import PRESETS, WEIGHT_SUFFIXES, ModelSpec, resolve_spec
 
 WEIGHTS_UPLOAD_PREFIX = "upload:"
 WEIGHTS_FILE_PREFIX = "file:"
+SWEEP_WEIGHTS_PREFIX = "sweep:"  # sweep:<results folder>|<weights as the sweep wrote them>
 NAMED_WEIGHTS = ("hub", "synthetic", "random")  # weights choices that are not files
 RANDOM_NOTE = "random weights: no artifacts expected"
 SYNTHETIC_NOTE = "synthetic demo: planted artifacts"
@@ -145,7 +148,32 @@ def weights_path(weights: str) -> str:
             raise WeightsError("The uploaded weights file is not on this server any more; upload it again.")
         _touch(path)  # recently used: pruned last
         return str(path)
+    if weights.startswith(SWEEP_WEIGHTS_PREFIX):
+        return sweep_checkpoint(weights)
     raise WeightsError(f"Weights must be hub, synthetic, random or a weights file, not '{weights[:80]}'.")
+
+
+def sweep_weights(folder: str, weights: str) -> str:
+    """The weights choice of a checkpoint that results folder ``folder`` holds rows of."""
+    return f"{SWEEP_WEIGHTS_PREFIX}{folder}|{weights}"
+
+
+def sweep_checkpoint(choice: str) -> str:
+    """What ``load_model`` takes for a ``sweep:`` choice: only weights the results folder names.
+
+    Raises:
+        WeightsError: results are not enabled, the folder does not name these weights, or the file is gone.
+    """
+    folder, _, weights = choice[len(SWEEP_WEIGHTS_PREFIX):].partition("|")
+    try:
+        path = settings().resolve_results(folder)
+    except VitlensError as error:
+        raise WeightsError(str(error)) from error
+    if weights not in weights_in(path):
+        raise WeightsError(f"Results folder '{folder}' has no rows of weights '{weights[-80:]}'.")
+    if weights not in NAMED_WEIGHTS and not Path(weights).is_file():
+        raise WeightsError(f"The checkpoint '{weights[-80:]}' of results folder '{folder}' is not on this server any more.")
+    return weights
 
 
 def weights_label(weights: str, registers: bool | None = None) -> str:
@@ -157,12 +185,16 @@ def weights_label(weights: str, registers: bool | None = None) -> str:
         return RANDOM_NOTE
     if weights == "synthetic":
         return {True: SYNTHETIC_TWIN_NOTE, False: SYNTHETIC_NOTE, None: "synthetic demo"}[registers]
+    if weights.startswith(SWEEP_WEIGHTS_PREFIX):
+        folder, _, path = weights[len(SWEEP_WEIGHTS_PREFIX):].partition("|")
+        return f"{folder}: {'/'.join(Path(path).parts[-2:])}"
     return weights.split(":", 1)[-1]
 
 
 def weights_id(weights: str) -> str:
     """Weights plus, for files, size and modification time (so a replaced file is not served stale)."""
-    if weights in NAMED_WEIGHTS:
+    path = weights_path(weights)
+    if path in NAMED_WEIGHTS:
         return weights
-    stat = Path(weights_path(weights)).stat()
+    stat = Path(path).stat()
     return f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"

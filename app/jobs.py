@@ -70,9 +70,11 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
-    def report(self, done: int, total: int, stage: str) -> None:
-        """Record progress; raises ``Cancelled`` once the user has cancelled."""
-        self.check()
+    def report(self, done: int, total: int, stage: str, check: bool = True) -> None:
+        """Record progress; raises ``Cancelled`` once the user has cancelled (unless ``check`` is False:
+        work that stops itself by polling ``cancelled``)."""
+        if check:
+            self.check()
         self.done, self.total, self.stage = done, total, stage
 
     def touch(self) -> None:
@@ -143,6 +145,11 @@ class JobBoard:
         job.stage = "starting"
         return work(job)
 
+    def get(self, key: str) -> Job | None:
+        """The job of ``key`` if this board holds one."""
+        with self._lock:
+            return self._jobs.get(key)
+
     def forget(self, key: str) -> None:
         with self._lock:
             self._jobs.pop(key, None)
@@ -176,8 +183,9 @@ def _stopped_unwatched(job: Job) -> bool:
 
 @st.cache_resource(show_spinner=False)
 def boards() -> dict[str, JobBoard]:
-    """One thread for captures (the model is the bottleneck) and one for analyses such as UMAP."""
-    return {"capture": JobBoard(workers=1, keep=8), "analysis": JobBoard(workers=1, keep=16)}  # older results: the disk store
+    """One thread for captures (the model is the bottleneck), one for analyses such as UMAP, one for sweeps."""
+    return {"capture": JobBoard(workers=1, keep=8), "analysis": JobBoard(workers=1, keep=16),  # older results: the disk store
+            "sweep": JobBoard(workers=1, keep=8)}
 
 
 def watch(job: Job) -> Job:

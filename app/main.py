@@ -19,6 +19,9 @@ PAGES = [
     st.Page("views/report.py", title="Report", icon=":material/description:", url_path="report"),
     st.Page("views/interventions.py", title="Interventions", icon=":material/build:", url_path="interventions"),
     st.Page("views/ablations.py", title="Ablations and sinks", icon=":material/biotech:", url_path="ablations"),
+    st.Page("views/training.py", title="Training", icon=":material/timeline:", url_path="training"),
+    st.Page("views/models.py", title="Models", icon=":material/stacked_bar_chart:", url_path="models"),
+    st.Page("views/dataset.py", title="Dataset", icon=":material/photo_library:", url_path="dataset"),
     st.Page("views/about.py", title="About / how to read", icon=":material/menu_book:", url_path="about"),
 ]
 

@@ -25,12 +25,14 @@ DEFAULT_MODEL = "dinov2_vits14_reg4"
 DEFAULT_IMAGES = ("astronaut", "cat")
 DEFAULT_SIDE = 224
 WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "synthetic": "synthetic demo (planted artifacts)",
-                "random": "random weights", "file": "local weights file", "upload": "upload a weights file"}
+                "random": "random weights", "file": "local weights file", "upload": "upload a weights file",
+                "sweep": "checkpoint of a sweep (Training page)"}
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "embed_method",
              "embed_model", "emergence_scope", "figure_format", "shared_scale", "norm_scale_shared",
              "register_init", "register_patches", "test_time_register", "neuron_detector", "neuron_max_layer",
-             "neuron_top", "neuron_sparse", "sink_layers")  # page widgets whose values follow the user
+             "neuron_top", "neuron_sparse", "sink_layers", "results_folder", "compare_folder", "training_model",
+             "training_layers", "dataset_series", "dataset_layers")  # page widgets whose values follow the user
 SIDEBAR_KEYS = ("model", "custom_model", "compare", "weights_mode", "weights_file", "pair_weights", "side", "images",
                 "threshold_auto", "threshold_value", "test_time_register")  # sidebar widgets an error run does not draw
 MIN_PATCHES = 4  # the input side is at least this many patches
@@ -78,6 +80,10 @@ def init_state() -> None:
                                          "weights folder; choose one in the sidebar.")
     if mode == "upload":
         state["weights_upload_choice"] = weights
+    if mode == "sweep":
+        state["sweep_weights_choice"] = weights
+    if _param("results"):
+        state["results_folder"] = _param("results")
     if _param("pair_weights"):
         state["pair_weights"] = _param("pair_weights")
     state["side"] = _int(_param("side")) or DEFAULT_SIDE
@@ -132,6 +138,8 @@ def sync_url(request: data.Request | None) -> None:
         params["layer"] = str(state["layer"])
     if request is not None and len(request.models) > 1:
         params["pair_weights"] = request.models[1].weights
+    if state.get("results_folder"):
+        params["results"] = state["results_folder"]
     if {k: st.query_params.get(k) for k in params} != params or set(st.query_params) - set(params):
         st.query_params.from_dict(params)
 
@@ -148,6 +156,8 @@ def primary_weights() -> str:
         return f"{data.WEIGHTS_FILE_PREFIX}{state.get('weights_file') or ''}"
     if mode == "upload":
         return state.get("weights_upload_choice") or "upload:"
+    if mode == "sweep":
+        return state.get("sweep_weights_choice") or "sweep:"
     return mode
 
 
@@ -241,8 +251,14 @@ def _register_control(name: str) -> TestTimeRegister | None:
 
 def _weights_controls(pair: str | None) -> tuple[str | None, str]:
     state = st.session_state
-    st.radio("Weights", list(WEIGHT_MODES), format_func=WEIGHT_MODES.get, key="weights_mode", horizontal=False)
+    modes = [mode for mode in WEIGHT_MODES if mode != "sweep" or state.get("sweep_weights_choice")]
+    st.radio("Weights", modes, format_func=WEIGHT_MODES.get, key="weights_mode", horizontal=False)
     mode = state["weights_mode"]
+    if mode == "sweep":
+        st.caption(f"Checkpoint `{data.weights_label(state['sweep_weights_choice'])}`, opened from the Training page.")
+        if pair:
+            st.caption(f"{pair} uses random weights.")
+        return state["sweep_weights_choice"], "random"
     if mode in data.NAMED_WEIGHTS:
         if mode == "random":
             st.caption("Random weights: no artifacts expected (useful to check the app works offline).")

@@ -59,6 +59,11 @@ class Settings:
         precision: Capture precision a worker uses for every job (``fp32``, ``bf16``, ``fp16``);
             None: each job's own. Results are stored under the precision actually used.
         poll_interval: Seconds between queue polls of the app and of an idle worker.
+        results_dir: Folder whose subfolders are the sweep results folders the app may open
+            (and create, when it runs a sweep); None: the population pages are off. The
+            browser names a subfolder, never a path.
+        datasets_dir: Folder whose subfolders (and itself) are image folders the app may sweep
+            and show images of; None: no sweeps from the app, no images in the gallery.
     """
 
     cache_dir: Path = _default_cache_dir()
@@ -82,6 +87,8 @@ class Settings:
     job_attempts: int = 2
     precision: str | None = None
     poll_interval: float = 0.25
+    results_dir: Path | None = None
+    datasets_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -148,6 +155,37 @@ class Settings:
         return sorted(path.name for path in self.weights_dir.iterdir()
                       if path.is_file() and path.name.lower().endswith(_WEIGHT_SUFFIXES) and not path.name.startswith("."))
 
+    def results_folders(self) -> list[str]:
+        """Names of the folders in ``results_dir`` (empty when results are not enabled)."""
+        return _subfolders(self.results_dir)
+
+    def resolve_results(self, name: str) -> Path:
+        """The path of results folder ``name`` inside ``results_dir`` (it may not exist yet).
+
+        Raises:
+            OptionError: results are not enabled, or the name is not a plain folder name.
+        """
+        if self.results_dir is None:
+            raise OptionError("Sweep results are not enabled here (set VITLENS_RESULTS_DIR to a folder of results folders).")
+        return self.results_dir / _plain_name(name, "results folder")
+
+    def dataset_folders(self) -> list[str]:
+        """Image folders the app may sweep: ``.`` (``datasets_dir`` itself) and its subfolders."""
+        return ["."] + _subfolders(self.datasets_dir) if self.datasets_dir is not None and self.datasets_dir.is_dir() else []
+
+    def resolve_dataset(self, name: str) -> Path:
+        """The path of image folder ``name`` (``.`` or a subfolder of ``datasets_dir``).
+
+        Raises:
+            OptionError: datasets are not enabled, the name is a path, or no such folder.
+        """
+        if self.datasets_dir is None:
+            raise OptionError("Image folders are not enabled here (set VITLENS_DATASETS_DIR to a folder of image folders).")
+        path = self.datasets_dir if name == "." else self.datasets_dir / _plain_name(name, "image folder")
+        if not path.is_dir():
+            raise OptionError(f"Image folder '{name}' is not in the datasets folder.")
+        return path
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Settings from ``VITLENS_*`` environment variables (unset or empty: the default).
@@ -183,10 +221,28 @@ def _domains(text: str) -> tuple[str, ...] | None:
 
 
 _CONVERTERS: dict[str, Callable[[str], object]] = {
-    "cache_dir": Path, "weights_dir": Path, "job_dir": Path, "allowed_models": _names,
+    "cache_dir": Path, "weights_dir": Path, "job_dir": Path, "results_dir": Path, "datasets_dir": Path,
+    "allowed_models": _names,
     "allowed_email_domains": _domains,
     "cache_size": int, "max_pixels": int, "max_image_bytes": int, "max_side": int, "max_images": int,
     "max_uploaded_weights": int, "worker_batch": int,
     "worker_max_models": int, "job_attempts": int,
     "job_timeout": float, "worker_wait": float, "worker_lease": float, "poll_interval": float,
 }
+
+
+def _subfolders(folder: Path | None) -> list[str]:
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(path.name for path in folder.iterdir() if path.is_dir() and not path.name.startswith((".", "_")))
+
+
+def _plain_name(name: str, what: str) -> str:
+    """``name`` when it is one plain folder name (no separator, no leading dot).
+
+    Raises:
+        OptionError: anything else.
+    """
+    if not name or name != Path(name).name or name.startswith((".", "_")) or "\\" in name or "/" in name:
+        raise OptionError(f"The {what} must be a plain folder name, not '{name[:80]}'.")
+    return name

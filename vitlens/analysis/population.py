@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 from ..errors import ResultsError
 
 REQUIRED_COLUMNS = ("model", "weights", "step", "image", "layer", "num_outliers", "outlier_fraction", "threshold",
-                    "norm_median", "norm_max", "num_layers", "grid_rows", "grid_cols", "num_registers")
+                    "norm_median", "norm_max", "num_layers", "grid_rows", "grid_cols", "size", "num_registers")
 LIST_COLUMNS = ("outlier_cells", "norm_hist")
 NORM_HIST_EDGES = np.logspace(-2, 4, 121)  # the sweep's fixed bins of patch-token norms (120 bins)
 
@@ -299,3 +299,11 @@ def dataset_summary(frame: pd.DataFrame, series: Series, layers: Sequence[int], 
                           norms=norm_counts(frame, series, layers), cells=outlier_frequency(frame, series, layers),
                           top=top_images(frame, series, layers, count),
                           overall_share=float(pooled.num_outliers.sum() / max(1, pooled.patches.sum())))
+
+
+def weights_in(folder: str | Path) -> set[str]:
+    """The distinct ``weights`` of a results folder (empty when it holds no results)."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+        return set()
+    return set(ds.dataset(str(folder), format="parquet").to_table(columns=["weights"]).column("weights").unique().to_pylist())
