@@ -23,27 +23,31 @@ def _checkpoint_axis(series: TrainingSeries) -> list[str]:
 def training_heatmap(series: TrainingSeries, height: int = 420) -> go.Figure:
     """Checkpoint (rows, by step) x layer outlier share; the first checkpoint with outliers outlined.
 
-    An invisible marker sits on each cell (customdata: checkpoint index, layer) so a click selects it.
+    An invisible marker sits on each cell (customdata: checkpoint index, layer, as a plain list: a
+    typed array comes back from a click as a dict) and carries the hover text, so a click selects
+    it (plotly does not select heat map cells).
     """
     labels = _checkpoint_axis(series)
     layers = np.arange(series.share.shape[1])
     share = series.share * 100  # [checkpoint, layer]
     fig = go.Figure(go.Heatmap(z=share, x=layers, y=labels, colorscale=HEAT, zmin=0, colorbar=dict(title="% outliers"),
-                               hovertemplate="%{y}, layer %{x}: %{z:.2f}% of patches<extra></extra>"))
+                               hoverinfo="skip"))
     rows, cols = np.meshgrid(np.arange(len(labels)), layers, indexing="ij")
     fig.add_trace(go.Scatter(x=cols.ravel(), y=[labels[r] for r in rows.ravel()], mode="markers", name="cells",
                              marker=dict(symbol="square", size=14, opacity=0), showlegend=False,
-                             customdata=np.stack([rows.ravel(), cols.ravel()], axis=1), hoverinfo="skip",
+                             customdata=np.stack([rows.ravel(), cols.ravel()], axis=1).tolist(), text=[f"{v:.2f}%" for v in share.ravel()],
+                             hovertemplate="%{y}, layer %{x}: %{text} of patches<br>click: open below<extra></extra>",
                              selected=dict(marker=dict(opacity=0)), unselected=dict(marker=dict(opacity=0))))
     first = series.first_checkpoint
     if first is not None:
         fig.add_shape(type="rect", x0=-0.5, x1=len(layers) - 0.5, y0=first - 0.5, y1=first + 0.5,
                       line=dict(color=FIRST_COLOUR, width=2))
-        fig.add_annotation(x=len(layers) - 0.5, y=labels[first], xanchor="left", showarrow=False,
-                           text=f" first outliers<br> (layer {series.first_layer})", font=dict(color="#0077aa"))
-    fig.update_xaxes(title_text="layer (block index, 0-based)", dtick=1 if len(layers) <= 24 else 2)
+        fig.add_annotation(x=-0.5, y=labels[first], xanchor="left", showarrow=False, bgcolor="rgba(255,255,255,0.85)",
+                           text=f"first outliers: layer {series.first_layer}", font=dict(color="#006080"))
+    fig.update_xaxes(title_text="layer (block index, 0-based)", dtick=1 if len(layers) <= 24 else 2,
+                     range=[-0.5, len(layers) - 0.5])
     fig.update_yaxes(title_text="checkpoint", type="category", autorange="reversed")
-    fig.update_layout(height=height, margin=dict(l=90, r=110, t=30, b=50), clickmode="event+select", dragmode=False,
+    fig.update_layout(height=height, margin=dict(l=90, r=10, t=30, b=50), clickmode="event+select",
                       title=f"{series.model}: outlier share per checkpoint and layer")
     return fig
 
@@ -92,6 +96,11 @@ def depth_figure(profiles: Sequence[DepthProfile], height: int = 440) -> go.Figu
         fig.add_trace(go.Scatter(x=profile.depth, y=profile.share * 100, mode="lines+markers", name=name,
                                  line=dict(color=MODEL_COLOURS[index % len(MODEL_COLOURS)]),
                                  hovertemplate="depth %{x:.2f}: %{y:.2f}%<extra>" + name + "</extra>"), row=1, col=col)
+    for registers in (False, True):
+        if not any(bool(p.series.num_registers) == registers for p in profiles):
+            domain = (fig.layout.xaxis2 if registers else fig.layout.xaxis).domain
+            fig.add_annotation(text=f"no model {'with' if registers else 'without'} registers in these results",
+                               x=sum(domain) / 2, y=0.5, xref="paper", yref="paper", showarrow=False)
     fig.update_xaxes(title_text="relative depth ((layer + 1) / blocks)", range=[0, 1.02])
     fig.update_yaxes(title_text="% of patches", rangemode="tozero", row=1, col=1)
     fig.update_layout(height=height, margin=dict(l=60, r=10, t=40, b=50), legend=dict(orientation="h", y=-0.2, x=0))
@@ -112,24 +121,32 @@ def layer_share_figure(items: Sequence[tuple[str, np.ndarray]], height: int = 32
 
 
 def norm_counts_figure(items: Sequence[tuple[str, NormCounts]], log_y: bool = True, height: int = 380) -> go.Figure:
-    """Norm histograms over a dataset (log-x bins), each with its median outlier threshold dashed."""
+    """Norm histograms over a dataset, each with its median outlier threshold dashed.
+
+    The bins are log-spaced, so the x axis is log10 of the norm (linear, ticks labelled with the
+    norm): plotly cannot draw bar widths on a log axis.
+    """
     fig = go.Figure()
+    low, high = np.inf, -np.inf
     for index, (label, counts) in enumerate(items):
         colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
         used = np.flatnonzero(counts.counts)
         if used.size == 0:
             continue
         keep = slice(used[0], used[-1] + 1)
-        lows, highs = counts.edges[:-1][keep], counts.edges[1:][keep]
-        fig.add_trace(go.Bar(x=np.sqrt(lows * highs), y=counts.counts[keep], width=highs - lows, name=label,
+        lows, highs = np.log10(counts.edges[:-1][keep]), np.log10(counts.edges[1:][keep])
+        low, high = min(low, lows[0]), max(high, highs[-1])
+        fig.add_trace(go.Bar(x=(lows + highs) / 2, y=counts.counts[keep], width=highs - lows, name=label,
                              marker=dict(color=colour, opacity=0.55, line=dict(color=colour, width=1)),
-                             customdata=np.stack([lows, highs], axis=1),
+                             customdata=np.stack([10 ** lows, 10 ** highs], axis=1).tolist(),
                              hovertemplate="norm %{customdata[0]:.3g}–%{customdata[1]:.3g}: %{y} tokens<extra>" + label + "</extra>"))
         if counts.threshold is not None:
-            fig.add_vline(x=counts.threshold, line=dict(color=colour, dash="dash"),
+            fig.add_vline(x=float(np.log10(counts.threshold)), line=dict(color=colour, dash="dash"),
                           annotation=dict(text=f"median threshold {counts.threshold:.3g}", font=dict(color=colour),
                                           yanchor="top", y=1 - 0.08 * index))
-    fig.update_xaxes(title_text="patch-token norm (pre-final-norm, log)", type="log")
+    decades = np.arange(np.floor(low), np.ceil(high) + 1) if np.isfinite(low) else np.arange(-2, 5)
+    fig.update_xaxes(title_text="patch-token norm (pre-final-norm, log scale)", tickvals=decades,
+                     ticktext=[f"{10 ** d:g}" for d in decades])
     fig.update_yaxes(title_text="tokens" + (" (log)" if log_y else ""), type="log" if log_y else "linear")
     fig.update_layout(barmode="overlay", bargap=0, height=height, margin=dict(l=60, r=10, t=20, b=50),
                       legend=dict(orientation="h", y=-0.25, x=0))
@@ -145,8 +162,12 @@ def cell_frequency_figure(items: Sequence[tuple[str, CellFrequency]], height: in
                                  showscale=index == len(items) - 1, colorbar=dict(title="% of images"),
                                  hovertemplate="row %{y}, col %{x}: %{z:.1f}%<extra>" + label + "</extra>"),
                       row=1, col=index + 1)
-        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{index + 1 if index else ''}", row=1, col=index + 1)
-    fig.update_xaxes(title_text="col")
+        rows, cols = cells.frequency.shape
+        fig.update_xaxes(range=[-0.5, cols - 0.5], constrain="domain", row=1, col=index + 1)
+        fig.update_yaxes(range=[rows - 0.5, -0.5], scaleanchor=f"x{index + 1 if index else ''}", constrain="domain",
+                         row=1, col=index + 1)
+    fig.update_xaxes(title_text="col", showgrid=False, zeroline=False)
+    fig.update_yaxes(showgrid=False, zeroline=False)
     fig.update_yaxes(title_text="row", col=1)
     fig.update_layout(height=height, margin=dict(l=50, r=10, t=40, b=40))
     return fig

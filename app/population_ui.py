@@ -30,6 +30,7 @@ def results_sidebar() -> str:
                 state["results_folder"] = folders[0]
             st.selectbox("Results folder", folders, key="results_folder",
                          help="A folder `python -m vitlens sweep … --out` wrote, inside VITLENS_RESULTS_DIR.")
+            st.query_params["results"] = state["results_folder"]
         _sweep_form()
     if data.settings().results_dir is None:
         st.info("Sweep results are not enabled here: set VITLENS_RESULTS_DIR to the folder that holds the folders "
@@ -76,6 +77,14 @@ def _start_sweep() -> None:
         state["sweep_error"] = str(error)
         return
     state["results_folder"] = request.out
+
+
+def pick_cell() -> None:
+    """Heat map click: the clicked cell's checkpoint and layer become the ones to open."""
+    state = st.session_state
+    points = [p for p in state["training-heatmap"].selection.get("points", []) if len(p.get("customdata") or []) == 2]
+    if points:
+        state["training_checkpoint"], state["training_layer"] = (int(v) for v in points[0]["customdata"])
 
 
 def open_checkpoint(name: str, model: str, checkpoint: int, layer: int, image: str) -> None:

@@ -50,6 +50,7 @@ PAGES = [
     ("Token embedding", "Token embedding", "embedding", 1),
     ("About / how to read", "About / how to read", "about", 0),
 ]
+POPULATION_PAGES = [("Training", "training", 2), ("Models", "models", 1), ("Dataset", "dataset", 3)]
 # Titles, subplot titles and plotted values of every chart on the page, to see whether the page changed.
 CHART_SIGNATURE_JS = """JSON.stringify([...document.querySelectorAll('[data-testid=stMain] .js-plotly-plot')]
     .map(p => [p.layout && p.layout.title, (p.layout && p.layout.annotations || []).map(a => a.text),
@@ -79,8 +80,18 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Callable[[], str]]]:
     """The app on a free local port; yields its URL and a function returning its log so far."""
     port = _free_port()
     log_path = tmp_path / "streamlit.log"
+    from conftest import image_bytes, photo
+    from population_fixtures import results_rows, training_results, write_results
+
+    training_results(tmp_path / "results" / "run")
+    write_results(tmp_path / "results" / "reg", [results_rows("tiny_model_reg4", "hub", None, ["a.png", "b.png", "sub/c.png"],
+                                                              6, (4, 6), lambda step, image, layer: [], num_registers=4)])
+    for seed, name in enumerate(["a.png", "b.png", "sub/c.png"]):
+        (tmp_path / "datasets" / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "datasets" / "photos" / name).write_bytes(image_bytes(photo(96, 64, seed)))
     env = dict(os.environ,
                VITLENS_CACHE_DIR=str(tmp_path / "cache"), VITLENS_DEVICE="cpu", VITLENS_MODE="embedded",
+               VITLENS_RESULTS_DIR=str(tmp_path / "results"), VITLENS_DATASETS_DIR=str(tmp_path / "datasets"),
                HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
                PYTHONUNBUFFERED="1")
     for name in ("VITLENS_ALLOWED_MODELS", "VITLENS_WEIGHTS_DIR", "VITLENS_JOB_DIR", "VITLENS_PRECISION"):
@@ -256,6 +267,11 @@ def test_every_page_in_chromium(server, page: Page, tmp_path: Path) -> None:
         screenshot(page, name)
     _upload_non_image(page, not_an_image, second_photo, log)
     screenshot(page, "after_bad_upload")
+    for title, name, charts in POPULATION_PAGES:
+        _visit_population(page, title, charts, log)
+        if name == "training":
+            _click_heatmap_cell(page, step_row=2, layer=4, log=log)
+        screenshot(page, name)
 
     if os.environ.get("VITLENS_UPDATE_SCREENSHOTS") == "1" or not all(
             (DOCS_SCREENSHOTS / f"{name}.png").exists() for name in DOCS_PAGES):
@@ -264,7 +280,7 @@ def test_every_page_in_chromium(server, page: Page, tmp_path: Path) -> None:
             shutil.copyfile(SCREENSHOTS / f"{name}_window.png", DOCS_SCREENSHOTS / f"{name}.png")
     server_log = log()
     assert "Traceback" not in server_log, f"the server logged an exception:\n{server_log}"
-    assert time.monotonic() - started < 170, "the browser walk took too long"
+    assert time.monotonic() - started < 200, "the browser walk took too long"
 
 
 def _first_visit_offline(page: Page, url: str, log: Callable[[], str]) -> None:
@@ -348,6 +364,32 @@ def _visit(page: Page, link: str, title: str, name: str, charts: int, layer: int
         settle(page)
         charts_drawn(page, charts)
         check_no_errors(page, "attention, head 0", log)
+
+
+def _visit_population(page: Page, title: str, charts: int, log: Callable[[], str]) -> None:
+    """A population page on the results folder the server fixture wrote: its charts, no error."""
+    open_page(page, title, title)
+    charts_drawn(page, charts)
+    settle(page)
+    check_no_errors(page, title, log)
+    assert "results=run" in page.url
+    if title == "Training":
+        expect(page.locator("[data-testid=stMain]")).to_contain_text("First checkpoint with outliers: step 2000 (from layer 3)")
+    if title == "Dataset":
+        expect(page.locator("[data-testid=stMain] [data-testid=stImage] img")).to_have_count(3)
+
+
+def _click_heatmap_cell(page: Page, step_row: int, layer: int, log: Callable[[], str]) -> None:
+    """A click on a cell of the checkpoint x layer heat map picks that checkpoint and layer below it."""
+    plot = page.locator("[data-testid=stMain] .js-plotly-plot").first
+    x, y = plot.evaluate("""(p, [row, layer]) => { const l = p._fullLayout, box = p.getBoundingClientRect();
+        return [box.left + l._size.l + l.xaxis.l2p(layer), box.top + l._size.t + l.yaxis.l2p(row)]; }""", [step_row, layer])
+    page.mouse.click(x, y)
+    checkpoint = page.locator("[data-testid=stMain] [data-testid=stSelectbox]").filter(has_text="Checkpoint").locator("input")
+    expect(checkpoint).to_have_value("step 2000", timeout=PAGE_S * 1000)
+    settle(page)
+    check_no_errors(page, "training, after a click on the heat map", log)
+    expect(page.locator("[data-testid=stMain] [data-testid=stSelectbox]").filter(has_text="Layer").locator("input")).to_have_value(str(layer))
 
 
 def _upload_non_image(page: Page, path: Path, photo: Path, log: Callable[[], str]) -> None:

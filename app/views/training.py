@@ -23,11 +23,8 @@ if first is None:
 else:
     st.markdown(f"First checkpoint with outliers: **{series.checkpoints[first].label}** (from layer {series.first_layer}), "
                 f"checkpoint {first + 1} of {len(series.checkpoints)}.")
-event = ui.chart(population_figures.training_heatmap(series), key="training-heatmap", on_select="rerun",
-                 selection_mode="points")
-points = [p for p in (event.selection.get("points", []) if event else []) if len(p.get("customdata") or []) == 2]
-if points:
-    st.session_state["training_checkpoint"], st.session_state["training_layer"] = (int(v) for v in points[0]["customdata"])
+ui.chart(population_figures.training_heatmap(series), key="training-heatmap", on_select=population_ui.pick_cell,
+         selection_mode="points")
 
 depth = series.share.shape[1]
 st.session_state["training_layers"] = [l for l in st.session_state.get("training_layers", population_data.layer_default(depth)) if l < depth]
