@@ -40,6 +40,7 @@ def results_sidebar() -> str:
         st.info(f"No results folders in {data.settings().results_dir} yet: run `python -m vitlens sweep` with "
                 "`--out` inside it, or start a sweep from the sidebar.")
         st.stop()
+    ui.fetch(population_data.results, state["results_folder"])  # a sweep into it running here: its progress, cancel
     note = population_data.sweep_note(state["results_folder"])
     if note:
         st.warning(note)

@@ -1,4 +1,4 @@
-"""Sweep results folders written directly in the agreed Parquet schema (DESIGN.md, HELPERS.md), with known outliers.
+"""Sweep results folders written in the sweep's own Parquet schema (``vitlens.sweep.SCHEMA``), with known outliers.
 
 ``write_results`` plants outliers (norm 100 among norms near 10) at the cells a callback names
 for each (weights, image, layer), so a test knows every share, first checkpoint and grid map.
@@ -13,14 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vitlens.analysis.population import NORM_HIST_EDGES
+from vitlens.sweep import SCHEMA, norm_histograms
 
 Cells = Callable[[int | None, str, int], Sequence[int]]  # (step, image, layer) -> flat outlier cells
-
-
-def _hist(norms: np.ndarray) -> list[int]:
-    index = np.clip(np.searchsorted(NORM_HIST_EDGES, norms, side="right") - 1, 0, len(NORM_HIST_EDGES) - 2)
-    return np.bincount(index, minlength=len(NORM_HIST_EDGES) - 1).astype(np.int32).tolist()
 
 
 def results_rows(model: str, weights: str, step: int | None, images: Sequence[str], num_layers: int,
@@ -28,10 +23,7 @@ def results_rows(model: str, weights: str, step: int | None, images: Sequence[st
     """One row per (image, layer) of one (model, weights) pair."""
     rng = np.random.default_rng(seed)
     patches = grid[0] * grid[1]
-    columns: dict[str, list] = {name: [] for name in (
-        "model", "weights", "step", "image", "layer", "num_outliers", "outlier_fraction", "threshold", "norm_median",
-        "norm_max", "num_layers", "grid_rows", "grid_cols", "size", "antialias", "num_registers", "fingerprint",
-        "outlier_cells", "norm_hist", "cls_norm", "register_norm")}
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     for image in images:
         for layer in range(num_layers):
             found = sorted(set(int(c) for c in cells(step, image, layer)))
@@ -41,12 +33,11 @@ def results_rows(model: str, weights: str, step: int | None, images: Sequence[st
                           outlier_fraction=len(found) / patches, threshold=50.0 if found else math.nan,
                           norm_median=float(np.median(norms)), norm_max=float(norms.max()), num_layers=num_layers,
                           grid_rows=grid[0], grid_cols=grid[1], size=grid[1] * 14, antialias=True,
-                          num_registers=num_registers, fingerprint="f" * 16, outlier_cells=found, norm_hist=_hist(norms),
+                          num_registers=num_registers, fingerprint="f" * 16, outlier_cells=found, norm_hist=norm_histograms(norms[None])[0].tolist(),
                           cls_norm=30.0, register_norm=40.0 if num_registers else math.nan)
             for name, value in values.items():
                 columns[name].append(value)
-    types = {"step": pa.int64(), "outlier_cells": pa.list_(pa.int32()), "norm_hist": pa.list_(pa.int32())}
-    return pa.table({name: pa.array(values, types.get(name)) for name, values in columns.items()})
+    return pa.table(columns, schema=SCHEMA)
 
 
 def write_results(folder: Path, tables: Sequence[pa.Table]) -> Path:

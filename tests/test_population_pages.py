@@ -146,3 +146,37 @@ def test_population_pages_say_how_to_enable_them(monkeypatch):
     at = _open("views/dataset.py")
     _ok(at)
     assert "set VITLENS_RESULTS_DIR" in at.info[0].value
+
+
+def test_a_sweep_started_from_the_sidebar_runs_in_the_background_and_opens(tmp_path, monkeypatch):
+    """The real ``vitlens.sweep.run_sweep`` on the tiny pair: planted weights show outliers from their block, random none."""
+    register_tiny_models()
+    weights, images = tmp_path / "weights", tmp_path / "datasets"
+    weights.mkdir()
+    images.mkdir()
+    planted_weights(weights / "tiny_planted.safetensors", TINY, PLANTED_CELLS, PLANTED_LAYER)
+    for index in range(2):
+        (images / f"img{index}.png").write_bytes(png_bytes(seed=index))
+    (images / "notes.png").write_text("not a picture")
+    for name, folder in (("RESULTS", tmp_path / "results"), ("DATASETS", images), ("WEIGHTS", weights)):
+        monkeypatch.setenv(f"VITLENS_{name}_DIR", str(folder))
+    (tmp_path / "results").mkdir()
+
+    at = _open("views/training.py")
+    assert "No results folders" in at.info[0].value
+    at.selectbox(key="sweep_images").set_value(".")
+    at.text_input(key="sweep_models").set_value(TINY)
+    at.multiselect(key="sweep_weights").set_value(["file:tiny_planted.safetensors", "random"])
+    at.number_input(key="sweep_size").set_value(TINY_SIDE)
+    at.text_input(key="sweep_out").set_value("from-app")
+    at.button(key="sweep_start").click().run()  # the page waits for the background sweep, then draws it
+    _ok(at)
+    assert at.selectbox(key="results_folder").value == "from-app"
+    # the step of a checkpoint is the last integer in its path: here the 0 of pytest's tmp_path
+    assert any(f"First checkpoint with outliers: **step 0** (from layer {PLANTED_LAYER}), checkpoint 1 of 2" in m.value
+               for m in at.markdown)
+    assert "1 files were not readable images and were skipped: notes.png" in at.warning[0].value
+    heat = _figures(at)[0]
+    assert heat["data"][0]["y"] == ["step 0", "random"]
+    share = _values(heat["data"][0]["z"])
+    assert share[0, PLANTED_LAYER:].min() == pytest.approx(100 * len(PLANTED_CELLS) / 64) and share[1].max() == 0

@@ -15,11 +15,11 @@ import pandas as pd
 import pyarrow.dataset as ds
 
 from ..errors import ResultsError
+from ..sweep import NORM_HIST_EDGES
 
 REQUIRED_COLUMNS = ("model", "weights", "step", "image", "layer", "num_outliers", "outlier_fraction", "threshold",
                     "norm_median", "norm_max", "num_layers", "grid_rows", "grid_cols", "size", "num_registers")
 LIST_COLUMNS = ("outlier_cells", "norm_hist")
-NORM_HIST_EDGES = np.logspace(-2, 4, 121)  # the sweep's fixed bins of patch-token norms (120 bins)
 
 
 def read_results(folder: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
