@@ -199,7 +199,12 @@ def chart_signature(page: Page) -> str:
 
 
 def open_page(page: Page, link: str, title: str) -> None:
-    page.locator("[data-testid=stSidebarNav] [data-testid=stSidebarNavLink]").filter(has_text=link).click()
+    """Click a page in the sidebar, first expanding the list (Streamlit shows the first 10 of more than 12 pages)."""
+    target = page.locator("[data-testid=stSidebarNav] [data-testid=stSidebarNavLink]").filter(has_text=link)
+    more = page.locator("[data-testid=stSidebarNavViewButton]")
+    if not target.count() and more.count() and "more" in more.inner_text():
+        more.click()
+    target.click()
     expect(page.locator("[data-testid=stMain] h1").first).to_have_text(title, timeout=PAGE_S * 1000)
 
 
