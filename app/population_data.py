@@ -123,7 +123,7 @@ def checkpoint_link(name: str, model: str, checkpoint: int, layer: int, image: s
     weights = sweep_weights(name, series.weights)
     weights_path(weights)
     path = image_path(name, image)
-    ref = add_upload(path.name, path.read_bytes())
+    ref, _ = add_upload(path.name, path.read_bytes())  # older uploads dropped for the budget: not reported here
     size = frame[(frame.model == model) & (frame.weights == series.weights) & (frame.image == image)]["size"]
     return PerImageLink(model=model, weights=weights, image=ref, layer=layer, side=int(size.iloc[0]))
 
