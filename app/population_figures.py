@@ -23,9 +23,8 @@ def _checkpoint_axis(series: TrainingSeries) -> list[str]:
 def training_heatmap(series: TrainingSeries, height: int = 420) -> go.Figure:
     """Checkpoint (rows, by step) x layer outlier share; the first checkpoint with outliers outlined.
 
-    An invisible marker sits on each cell (customdata: checkpoint index, layer, as a plain list: a
-    typed array comes back from a click as a dict) and carries the hover text, so a click selects
-    it (plotly does not select heat map cells).
+    An invisible marker sits on each cell (x: layer, y: checkpoint label) and carries the hover
+    text, so a click selects it (plotly does not select heat map cells).
     """
     labels = _checkpoint_axis(series)
     layers = np.arange(series.share.shape[1])
@@ -35,7 +34,7 @@ def training_heatmap(series: TrainingSeries, height: int = 420) -> go.Figure:
     rows, cols = np.meshgrid(np.arange(len(labels)), layers, indexing="ij")
     fig.add_trace(go.Scatter(x=cols.ravel(), y=[labels[r] for r in rows.ravel()], mode="markers", name="cells",
                              marker=dict(symbol="square", size=14, opacity=0), showlegend=False,
-                             customdata=np.stack([rows.ravel(), cols.ravel()], axis=1).tolist(), text=[f"{v:.2f}%" for v in share.ravel()],
+                             text=[f"{v:.2f}%" for v in share.ravel()],
                              hovertemplate="%{y}, layer %{x}: %{text} of patches<br>click: open below<extra></extra>",
                              selected=dict(marker=dict(opacity=0)), unselected=dict(marker=dict(opacity=0))))
     first = series.first_checkpoint

@@ -81,11 +81,11 @@ def _start_sweep() -> None:
 
 
 def pick_cell() -> None:
-    """Heat map click: the clicked cell's checkpoint and layer become the ones to open."""
+    """Heat map click: the clicked cell's checkpoint (its label, the y of the cell) and layer become the ones to open."""
     state = st.session_state
-    points = [p for p in state["training-heatmap"].selection.get("points", []) if len(p.get("customdata") or []) == 2]
+    points = [p for p in state["training-heatmap"].selection.get("points", []) if isinstance(p.get("y"), str)]
     if points:
-        state["training_checkpoint"], state["training_layer"] = (int(v) for v in points[0]["customdata"])
+        state["training_checkpoint"], state["training_layer"] = points[0]["y"], int(points[0]["x"])
 
 
 def open_checkpoint(name: str, model: str, checkpoint: int, layer: int, image: str) -> None:

@@ -26,7 +26,7 @@ def test_training_heatmap_shows_shares_and_outlines_the_first_checkpoint(tmp_pat
     [box] = fig.layout.shapes
     assert (box.y0, box.y1) == (first - 0.5, first + 0.5)
     assert f"layer {TRAIN_LAYER}" in fig.layout.annotations[0].text
-    assert len(cells.customdata) == len(TRAIN_STEPS) * 6 and list(cells.customdata[6 * first + 4]) == [first, 4]
+    assert len(cells.x) == len(TRAIN_STEPS) * 6 and (cells.x[6 * first + 4], cells.y[6 * first + 4]) == (4, f"step {TRAIN_EMERGES}")
 
 
 def test_training_lines_draw_chosen_layers_against_step_with_the_first_step_marked(tmp_path):

@@ -68,7 +68,7 @@ def test_training_page_shows_the_first_checkpoint_and_the_heat_map(folders):
     assert z.shape == (len(TRAIN_STEPS), 6) and z[:2].max() == 0 and z[2:, TRAIN_LAYER:].min() == pytest.approx(500 / 72)
     assert heat["layout"]["shapes"][0]["y0"] == TRAIN_STEPS.index(TRAIN_EMERGES) - 0.5
     assert [t["name"] for t in lines["data"][:1]] == ["layer 4"]  # the last third of 6 blocks: 4 and 5
-    assert at.selectbox(key="training_checkpoint").value == TRAIN_STEPS.index(TRAIN_EMERGES)
+    assert at.selectbox(key="training_checkpoint").value == f"step {TRAIN_EMERGES}"
     assert at.selectbox(key="training_image").value == "a.png"  # most outliers first (tied with sub/c.png, by name)
 
 
@@ -121,7 +121,7 @@ def test_a_checkpoint_opens_on_its_image_in_the_per_image_views(tmp_path, monkey
 
     at = _open("views/training.py")
     _ok(at)
-    at.selectbox(key="training_checkpoint").set_value(1).run()
+    at.selectbox(key="training_checkpoint").set_value("step 20").run()
     at.selectbox(key="training_layer").set_value(4).run()
     at.button[0].click().run()
     _ok(at)

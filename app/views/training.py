@@ -35,17 +35,18 @@ if layers:
 st.subheader("Open a checkpoint on one image")
 st.caption("Click a cell of the heat map (or choose below) to pick a checkpoint and layer, then an image.")
 columns = st.columns([3, 3, 4])
+labels = [checkpoint.label for checkpoint in series.checkpoints]  # option labels never change with the data: widgets keep them
 with columns[0]:
-    st.session_state["training_checkpoint"] = min(st.session_state.get("training_checkpoint", first or 0), len(series.checkpoints) - 1)
-    checkpoint = st.selectbox("Checkpoint", range(len(series.checkpoints)), key="training_checkpoint",
-                              format_func=lambda i: series.checkpoints[i].label)
+    if st.session_state.get("training_checkpoint") not in labels:
+        st.session_state["training_checkpoint"] = labels[first or 0]
+    checkpoint = labels.index(st.selectbox("Checkpoint", labels, key="training_checkpoint"))
 with columns[1]:
     st.session_state["training_layer"] = min(st.session_state.get("training_layer", series.first_layer or 0), depth - 1)
     layer = st.selectbox("Layer", range(depth), key="training_layer")
 with columns[2]:
     images = ui.fetch(population_data.images_at, name, model, checkpoint, layer)
-    image = st.selectbox("Image (most outliers first)", [i.image for i in images], key="training_image",
-                         format_func=lambda i: f"{i} ({next(x.num_outliers for x in images if x.image == i)} outliers)")
+    image = st.selectbox("Image (most outliers first)", [i.image for i in images], key="training_image")
+    st.caption(f"{next(i.num_outliers for i in images if i.image == image)} outliers at this checkpoint and layer")
 st.button("Open in the per-image views", on_click=population_ui.open_checkpoint, args=(name, model, checkpoint, layer, image))
 population_ui.follow_link()
 ui.download_table(view.table, f"training_{name}.csv")
