@@ -10,7 +10,7 @@ import ui
 from vitlens.errors import VitlensError
 
 PER_IMAGE_PAGE = "views/norm_maps.py"
-KEPT_ON_SWITCH = ("threshold_auto", "threshold_value", "figure_format", *ui.PAGE_KEYS)
+KEPT_ON_SWITCH = (*ui.SIDEBAR_KEYS, *ui.PAGE_KEYS)
 
 
 def results_sidebar() -> str:
