@@ -479,8 +479,10 @@ def notes(result: data.Captured) -> None:
     demo = data.synthetic_note(result) if result.synthetic else ""
     if noted:
         used = "the synthetic demo" if result.synthetic else f"**{data.RANDOM_NOTE}**"
-        lines = "\n".join(f"- {run.note}" for run in noted)
-        st.warning(f"Pretrained weights are not available, so these views show {used}.\n\n{demo}\n\n{lines}")
+        lines = "\n".join(f"- {run.note}" for run in dict((run.note, run) for run in noted).values())
+        st.warning(f"Pretrained weights are not available, so these views show {used}.")
+        with st.expander("Details: what is shown and how to get the pretrained weights"):
+            st.markdown(f"{demo}\n\n{lines}")
     elif demo:
         st.info(demo)
 
