@@ -117,3 +117,19 @@ def test_chunked_blocks_keep_their_global_index(tmp_path, tiny_args):
     assert torch.equal(tensors["blocks.3.norm1.weight"], source["blocks.3.norm1.weight"])
     assert not any(key.startswith(("blocks.1.3", "backbone.", "dino_head")) for key in tensors)
 
+
+
+def test_a_training_checkpoint_far_larger_than_its_backbone_loads(tmp_path, tiny_args):
+    """Real DINOv2 ``model_XXXX.pth`` files hold two heads with 65,536 prototypes each plus the
+    student's optimizer moments: for a small backbone that is many times its own size."""
+    source, other = _perturbed(PLAIN, tiny_args, seed=5), _perturbed(PLAIN, tiny_args, seed=6)
+    checkpoint = _dinov2_full(source, other, tiny_args["depth"])
+    prototypes = {f"{role}.dino_head.last_layer.weight": torch.zeros(65536, 128) for role in ("teacher", "student")}
+    checkpoint["model"].update(prototypes)
+    moments = {"exp_avg": torch.zeros(65536, 128), "exp_avg_sq": torch.zeros(65536, 128)}
+    checkpoint["optimizer"] = {"state": {0: moments}, "param_groups": []}
+    path = tmp_path / "model_0012499.pth"
+    torch.save(checkpoint, path)
+    assert path.stat().st_size > 100 * 2**20
+    loaded = load_model(PLAIN, path, model_args=tiny_args).model.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in source.items())

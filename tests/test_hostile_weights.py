@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from vitlens.errors import WeightsError
-from vitlens.models import load_model, max_checkpoint_bytes, resolve_spec
+from vitlens.checkpoints import DEFAULT_MAX_WEIGHTS_BYTES
+from vitlens.models import load_model
 
 MODEL = "test_vit"  # timm's own tiny ViT: 1.5 MB of float32 parameters
 
@@ -49,8 +50,8 @@ def test_even_a_valid_deflated_checkpoint_is_refused(tmp_path):
         load_model(MODEL, tmp_path / "deflated.pth")
 
 
-def test_a_file_larger_than_the_architecture_can_need_is_refused_unread(tmp_path):
-    limit = max_checkpoint_bytes(resolve_spec(MODEL))
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path):
+    limit = DEFAULT_MAX_WEIGHTS_BYTES
     big = tmp_path / "big.pth"
     with open(big, "wb") as handle:
         handle.truncate(limit + 1)  # sparse: nothing is written or read

@@ -24,7 +24,6 @@ from .errors import HubUnavailableError, UnknownModelError, WeightsError
 from .synthetic import SYNTHETIC_SIDE, SYNTHETIC_VERSION, plant_demo
 
 RANDOM_SEED = 0
-CHECKPOINT_SLACK = 6  # a training checkpoint may hold teacher, student and two optimizer moments
 _HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
@@ -299,21 +298,6 @@ def _from_hub(spec: ModelSpec, model_args: dict) -> tuple[torch.nn.Module, str]:
     return model, _hub_fingerprint(repo, cached)
 
 
-def max_checkpoint_bytes(spec: ModelSpec, model_args: Mapping[str, Any] | None = None) -> int:
-    """Most bytes a weights file for this architecture may hold: ``CHECKPOINT_SLACK`` times its
-    float32 parameters, plus 64 MiB for position embeddings at other sizes and metadata."""
-    return CHECKPOINT_SLACK * _parameter_bytes(spec.arch, tuple(sorted(dict(model_args or {}).items()))) + 64 * 2**20
-
-
-@functools.lru_cache(maxsize=32)
-def _parameter_bytes(arch: str, model_args: tuple) -> int:
-    """Float32 bytes of the architecture's tensors, counted on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        skip_init = {"weight_init": "skip"} if timm.models.is_model_in_modules(arch, ["vision_transformer"]) else {}
-        model = _create(ModelSpec(arch, arch, arch), dict(model_args), pretrained=False, **skip_init)  # Eva has no such argument
-    return sum(tensor.numel() for tensor in model.state_dict().values()) * 4
-
-
 def _from_file_or_release(spec: ModelSpec, path: Path, model_args: dict) -> tuple[torch.nn.Module, str]:
     """``_from_file``; when it fails, the tensors and model it built are freed before the error goes up.
 
@@ -350,7 +334,7 @@ def _trim_heap() -> None:
 
 
 def _from_file(spec: ModelSpec, path: Path, model_args: dict) -> tuple[torch.nn.Module, str]:
-    state_dict = read_state_dict(path, max_checkpoint_bytes(spec, model_args))
+    state_dict = read_state_dict(path)
     build_args = dict(model_args)
     if "img_size" not in build_args and (img_size := checkpoint_img_size(state_dict)) is not None:
         build_args["img_size"] = img_size  # build at the checkpoint's own grid: no resampling at load
