@@ -47,6 +47,7 @@ from vitlens.client import Client  # noqa: E402
 from vitlens.errors import VitlensError  # noqa: E402
 from vitlens.images import GALLERY, DecodedImage, decode_image, gallery_image  # noqa: E402
 from vitlens.jobs import DONE, FAILED, RUNNING, JobSpec  # noqa: E402
+from vitlens.models import resolve_spec, weights_fingerprint  # noqa: E402
 from vitlens.settings import Settings  # noqa: E402
 from vitlens.store import CaptureOptions  # noqa: E402
 
@@ -231,7 +232,8 @@ def _session(client: Client, run: Run, session: int, args: argparse.Namespace, s
     requests = [[_image(session + seed, request, index) for index in range(args.images)] for request in range(args.requests)]
     args.ready.wait()
     for request, images in enumerate(requests):
-        job_id = JobSpec(args.model, "random", tuple(image.digest for image in images), options).job_id
+        job_id = JobSpec(args.model, "random", tuple(image.digest for image in images), options,
+                         weights_fingerprint(resolve_spec(args.model), "random")).job_id
         start = time.monotonic()
         try:
             results = client.compute_traces(images, args.model, "random", options, timeout=args.timeout)

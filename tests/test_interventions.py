@@ -74,8 +74,8 @@ def test_bad_register_options_and_neurons(tiny_vit):
 def test_register_is_part_of_the_cache_key():
     register = TestTimeRegister(((1, 3),))
     plain, treated = CaptureOptions(), CaptureOptions(test_time_register=register)
-    assert trace_key("m", "d", plain) != trace_key("m", "d", treated)
-    assert trace_key("m", "d", treated) != trace_key("m", "d", CaptureOptions(test_time_register=TestTimeRegister(((1, 4),))))
+    assert trace_key("m", "d", plain, "cpu") != trace_key("m", "d", treated, "cpu")
+    assert trace_key("m", "d", treated, "cpu") != trace_key("m", "d", CaptureOptions(test_time_register=TestTimeRegister(((1, 4),))), "cpu")
 
 
 # Replacement ablations against a float64 hand computation.

@@ -64,17 +64,19 @@ def test_put_get_round_trip(store, tiny_vit_reg, pixels):
 
 
 def test_trace_key_names_every_option():
-    base = trace_key("arch|fp", "img", CaptureOptions())
+    base = trace_key("arch|fp", "img", CaptureOptions(), "cpu")
     variants = [
-        trace_key("arch|other", "img", CaptureOptions()),
-        trace_key("arch|fp", "img2", CaptureOptions()),
-        trace_key("arch|fp", "img", CaptureOptions(side=224)),
-        trace_key("arch|fp", "img", CaptureOptions(antialias=False)),
-        trace_key("arch|fp", "img", CaptureOptions(precision="bf16")),
-        trace_key("arch|fp", "img", CaptureOptions(state_layers=(2,))),
+        trace_key("arch|other", "img", CaptureOptions(), "cpu"),
+        trace_key("arch|fp", "img2", CaptureOptions(), "cpu"),
+        trace_key("arch|fp", "img", CaptureOptions(side=224), "cpu"),
+        trace_key("arch|fp", "img", CaptureOptions(antialias=False), "cpu"),
+        trace_key("arch|fp", "img", CaptureOptions(precision="bf16"), "cpu"),
+        trace_key("arch|fp", "img", CaptureOptions(state_layers=(2,)), "cpu"),
+        trace_key("arch|fp", "img", CaptureOptions(), "cuda"),
     ]
     assert len({base, *variants}) == 1 + len(variants)
-    assert trace_key("m", "i", CaptureOptions(state_layers=(3, 1, 3))) == trace_key("m", "i", CaptureOptions(state_layers=(1, 3)))
+    assert (trace_key("m", "i", CaptureOptions(state_layers=(3, 1, 3)), "cpu")
+            == trace_key("m", "i", CaptureOptions(state_layers=(1, 3)), "cpu"))
 
 
 def test_second_engine_call_is_a_cache_hit(store, images):

@@ -126,7 +126,7 @@ def test_cached_traces_are_reused(tmp_path, monkeypatch):
     pixels = to_tensor(resize_for_model(decoded.image, 56, loaded.patch_size), loaded.mean, loaded.std)[None]
     trace = capture(loaded, pixels)[0]
     trace.norms[:] = 7.0  # a marked trace: rows can only come from it
-    store.put(trace_key(loaded.key, decoded.digest, CaptureOptions()), trace)  # the key the app's Engine uses
+    store.put(trace_key(loaded.key, decoded.digest, CaptureOptions(), "cpu"), trace)  # the key the app's Engine uses
     monkeypatch.setattr("vitlens.sweep.capture", lambda *args, **kwargs: pytest.fail("captured although cached"))
     run_sweep(images, [PLAIN], ["random"], tmp_path / "out", store=store, model_args=TINY_ARGS)
     assert (_read(tmp_path / "out").norm_median == 7.0).all()

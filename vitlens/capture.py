@@ -23,7 +23,8 @@ from .interventions import TestTimeRegister, apply_test_time_register
 from .layout import TokenLayout
 from .models import LoadedModel
 
-CAPTURE_VERSION = 2  # bump when the content of a Trace changes; part of every cache key
+CAPTURE_VERSION = 3  # bump when the content of a Trace changes; part of every cache key
+# 3: prefix attention of bf16/fp16 captures computed in float32 (caches of version 1 held half-precision values)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -20,7 +20,7 @@ from .errors import VitlensError
 from .images import DecodedImage
 from .jobs import (DONE, FAILED, JobError, JobLostError, JobQueue, JobSpec, JobStatus, JobTimeoutError, MalformedJobError,
                    NoWorkerError)
-from .models import resolve_spec
+from .models import resolve_spec, weights_fingerprint
 from .settings import Settings
 from .store import CaptureOptions, TraceStore
 
@@ -98,13 +98,12 @@ class Client:
     def _submit(self, images: Sequence[DecodedImage], model: str, weights: str,
                 options: CaptureOptions) -> tuple[JobSpec, JobStatus]:
         self.settings.check_model(model)
-        resolve_spec(model)
-        self.settings.resolve_weights(weights)
+        fingerprint = weights_fingerprint(resolve_spec(model), self.settings.resolve_weights(weights))
         self.settings.check_side(options.side)
         if self.settings.mode == "embedded":
             self.ensure_worker()
         spec = JobSpec(model=model, weights=weights, images=tuple(self.queue.put_image(image) for image in images),
-                       options=options)
+                       options=options, fingerprint=fingerprint)
         return spec, self.queue.submit(spec)
 
     def wait(self, job_id: str, progress: StatusCallback | None = None, timeout: float | None = None) -> JobStatus:

@@ -91,7 +91,7 @@ class Engine:
                    options: CaptureOptions = CaptureOptions()) -> list[str]:
         """The store keys ``traces`` reads and writes for these images (the worker records them in jobs)."""
         model_key = self.model_key(name, weights)
-        return [trace_key(model_key, image.digest, options) for image in images]
+        return [trace_key(model_key, image.digest, options, self.device.type) for image in images]
 
     def traces(
             self,

@@ -111,12 +111,16 @@ class JobSpec:
         weights: ``hub``, ``random``, ``synthetic``, or a file name inside the deployment's weights folder.
         images: Pixel digests (``DecodedImage.digest``) of images put into the queue.
         options: Capture options.
+        fingerprint: The weights' fingerprint when the job was submitted (``weights_fingerprint``),
+            so a rewritten weights file makes a new job instead of joining the done one; None when
+            it is not known before loading (hub weights not downloaded yet).
     """
 
     model: str
     weights: str
     images: tuple[str, ...]
     options: CaptureOptions = CaptureOptions()
+    fingerprint: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -142,6 +146,7 @@ class JobSpec:
                     state_layers=tuple(_typed(layer, int) for layer in options["state_layers"]),
                     test_time_register=_register(options.get("test_time_register")),
                 ),
+                fingerprint=None if data.get("fingerprint") is None else _typed(data["fingerprint"], str),
             )
         except (ValueError, KeyError, TypeError, VitlensError) as error:
             raise MalformedJobError(f"The job is malformed ({type(error).__name__}: {str(error)[:80]}).") from error

@@ -209,11 +209,16 @@ def weights_fingerprint(spec: ModelSpec, weights: str | os.PathLike, model_args:
 
 
 def _random_fingerprint(model_args: dict) -> str:
-    return f"random:seed{RANDOM_SEED}:{sorted(model_args.items())}"
+    return f"random:seed{RANDOM_SEED}:{_library_versions()}:{sorted(model_args.items())}"
 
 
 def _synthetic_fingerprint(model_args: dict) -> str:
-    return f"synthetic:v{SYNTHETIC_VERSION}:seed{RANDOM_SEED}:{sorted(model_args.items())}"
+    return f"synthetic:v{SYNTHETIC_VERSION}:seed{RANDOM_SEED}:{_library_versions()}:{sorted(model_args.items())}"
+
+
+def _library_versions() -> str:
+    """What turns a seed into weights: torch's generator and timm's initialisation."""
+    return f"torch{torch.__version__}:timm{timm.__version__}"
 
 
 def _hub_fingerprint(repo: str, cached: Path) -> str:
@@ -346,13 +351,18 @@ def _from_file(spec: ModelSpec, path: Path, model_args: dict) -> tuple[torch.nn.
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (first 16 hex digits), remembered while the file is unchanged."""
+    """SHA-256 of a file's bytes (first 16 hex digits), remembered while the file is unchanged.
+
+    "Unchanged" includes the inode change time, which every write sets and no user can set
+    back (unlike the modification time), and the file's identity (device, inode), so a
+    same-size rewrite with its times restored, or another file renamed over it, is hashed again.
+    """
     stat = path.stat()
-    return _digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return _digest(path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_dev, stat.st_ino)
 
 
 @functools.lru_cache(maxsize=64)
-def _digest(path: Path, size: int, mtime_ns: int) -> str:
+def _digest(path: Path, size: int, mtime_ns: int, ctime_ns: int, device: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):

@@ -1,7 +1,8 @@
 """The trace cache: the one place that uses diskcache.
 
 Keys name everything a trace depends on (model and weights fingerprint, image pixels,
-preprocessing options, capture version), so a hit is always the trace a new pass would give.
+preprocessing options, device type, capture version), so a hit is always the trace a new pass
+would give (up to the float rounding of another accelerator of the same type).
 """
 from __future__ import annotations
 
@@ -48,13 +49,21 @@ class CaptureOptions:
     test_time_register: TestTimeRegister | None = None
 
 
-def trace_key(model_key: str, image_digest: str, options: CaptureOptions) -> str:
-    """Cache key of one trace (``model_key`` names architecture and weights, so also the native size)."""
+def trace_key(model_key: str, image_digest: str, options: CaptureOptions, device: str) -> str:
+    """Cache key of one trace.
+
+    Args:
+        model_key: Architecture and weights fingerprint (so also the native size).
+        image_digest: The image's pixel digest.
+        options: How the image is fed and what is kept.
+        device: Device type the pass runs on (``cpu``, ``cuda``, ``mps``): kernels and reduced
+            precision differ between them.
+    """
     layers = ",".join(map(str, sorted(set(options.state_layers))))
     side = options.side or "native"
     register = f"/ttr{options.test_time_register.key()}" if options.test_time_register else ""
     return (f"trace/v{CAPTURE_VERSION}/{model_key}/{image_digest}/side{side}/aa{int(options.antialias)}"
-            f"/{options.precision}/states[{layers}]{register}")
+            f"/{options.precision}/{device}/states[{layers}]{register}")
 
 
 class TraceStore:

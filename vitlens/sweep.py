@@ -507,7 +507,7 @@ class SweepRunner:
         return decoded.digest, to_tensor(resize_for_model(decoded.image, side, loaded.patch_size), loaded.mean, loaded.std)
 
     def _cached(self, loaded: LoadedModel, digest: str) -> Trace | None:
-        return self.store.get(trace_key(loaded.key, digest, self.config.options())) if self.store is not None else None
+        return self.store.get(trace_key(loaded.key, digest, self.config.options(), self.device.type)) if self.store is not None else None
 
     def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One batch ``[batch, 3, height, width]``, in pinned memory when it feeds a GPU (a faster upload)."""
