@@ -369,25 +369,33 @@ def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 620) -> go.
     return fig
 
 
+CLS_INPUT_OUTLIERS = "CLS attention in block l to tokens that were outliers in its input (block l-1 output)"
+
+
 def cls_attention_figure(items: Sequence[tuple[str, ClsOutlierAttention]], layer: int, height: int = 420) -> go.Figure:
-    """Left: per layer, CLS attention on outlier patches vs their share of the patches.
-    Right: at ``layer``, where CLS attention goes (outliers, other patches, CLS and registers)."""
+    """Left: per block, CLS attention to the patches that were outliers in the block's input, and
+    the even-spread baseline (their share of the patches times CLS's attention on patches).
+    Right: at block ``layer``, where CLS attention goes (input outliers, other patches, CLS and registers).
+    Block 0 has no outlier mask (its input has no captured norms): no point and no outlier bar."""
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
-                        subplot_titles=("CLS attention on outlier patches, per layer", f"CLS attention at layer {layer}"))
+                        subplot_titles=(CLS_INPUT_OUTLIERS, f"CLS attention in block {layer}"))
     for index, (label, result) in enumerate(items):
         colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
-        layers = np.arange(result.outlier_mass.size)
-        fig.add_trace(go.Scatter(x=layers, y=result.outlier_mass * 100, mode="lines+markers", name=f"{label}: attention on outliers",
+        blocks = np.arange(result.outlier_mass.size)
+        fig.add_trace(go.Scatter(x=blocks, y=result.outlier_mass * 100, mode="lines+markers", name=f"{label}: attention on input outliers",
                                  line=dict(color=colour), legendgroup=label), row=1, col=1)
-        fig.add_trace(go.Scatter(x=layers, y=result.num_outliers / result.num_patches * 100, mode="lines",
-                                 name=f"{label}: outlier share of patches", line=dict(color=colour, dash="dot"),
+        fig.add_trace(go.Scatter(x=blocks, y=result.expected_outlier_mass * 100, mode="lines",
+                                 name=f"{label}: if spread evenly over patches", line=dict(color=colour, dash="dot"),
                                  legendgroup=label), row=1, col=1)
         parts = [result.outlier_mass[layer], result.normal_mass[layer], result.prefix_mass[layer]]
-        fig.add_trace(go.Bar(x=["outlier patches", "other patches", "CLS + registers"], y=np.array(parts) * 100,
+        fig.add_trace(go.Bar(x=["input outliers", "other patches", "CLS + registers"], y=np.array(parts) * 100,
                              name=label, marker_color=colour, legendgroup=label, showlegend=False,
                              texttemplate="%{y:.1f}%", textposition="outside"), row=1, col=2)
-    fig.update_xaxes(title_text="layer (0-based)", row=1, col=1)
-    fig.update_yaxes(title_text="% of CLS attention / % of patches", rangemode="tozero", row=1, col=1)
+    if layer == 0:
+        fig.add_annotation(text="block 0's input has no captured norms:<br>no outlier split", showarrow=False,
+                           xref="x2 domain", yref="y2 domain", x=0.5, y=0.8)
+    fig.update_xaxes(title_text="block (0-based)", row=1, col=1)
+    fig.update_yaxes(title_text="% of CLS attention", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="% of CLS attention", range=[0, 110], row=1, col=2)
     fig.update_layout(barmode="group", height=height, margin=dict(l=60, r=10, t=40, b=50),
                       legend=dict(orientation="h", y=-0.2, x=0))

@@ -19,7 +19,8 @@ from choices import weights_label
 from figures import EmergenceCurve, NormHistogram, Overlay, Table
 from jobs import Job, boards, watch
 from uploads import display_uri, image_name
-from vitlens.analysis.attention import AttentionMaps, ClsOutlierAttention, attention_maps, cls_outlier_attention, pool_attention_map
+from vitlens.analysis.attention import (AttentionMaps, ClsOutlierAttention, attention_maps, cls_outlier_attention,
+                                        input_outlier_mask, pool_attention_map)
 from vitlens.analysis.embedding import TokenEmbedding, token_embedding
 from vitlens.analysis.outliers import OutlierResult, find_outliers
 from vitlens.capture import Trace
@@ -189,7 +190,7 @@ def attention(request: Request, ref: str, layer: int, head: int | None, threshol
         trace = run.traces[index]
         check_layer(layer, trace.num_layers)
         found = outliers_of(run, index, threshold)
-        queries = [(maps, found.masks[layer], _head_text(head)) for maps in [attention_maps(trace, layer, head)]]
+        queries = [(maps, input_outlier_mask(found, layer), _head_text(head)) for maps in [attention_maps(trace, layer, head)]]
         pool_head = head if head is not None and head < _pool_heads(trace) else None
         pool = pool_attention_map(trace, pool_head)
         if pool is not None:

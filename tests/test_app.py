@@ -229,7 +229,8 @@ def test_attention_shows_cls_and_each_register(weights_dir):
     titles = [a["text"] for a in maps["layout"]["annotations"]]
     assert len(titles) == 6 and "<b>cls</b>" in titles[0] and "<b>reg3</b>" in titles[5]
     assert _outlined({"data": [t for t in maps["data"] if t.get("xaxis") == "x"]}) == set(PLANTED_CELLS)
-    assert "CLS attention at layer 4" in [a["text"] for a in mass["layout"]["annotations"]]
+    texts = [a["text"] for a in mass["layout"]["annotations"]]
+    assert "CLS attention in block 4" in texts and any("(block l-1 output)" in text for text in texts)
     assert "coloraxis6" in maps["layout"] and any("its own colour scale" in c.value for c in at.caption)
     at.selectbox(key="head").set_value(1).run()
     _ok(at)
@@ -239,6 +240,21 @@ def test_attention_shows_cls_and_each_register(weights_dir):
     maps = _figures(at)[0]
     assert "coloraxis2" not in maps["layout"] and "head 1" in maps["layout"]["coloraxis"]["colorbar"]["title"]["text"]
     assert any("One colour scale for all maps" in c.value for c in at.caption)
+
+
+def test_attention_outlines_the_outliers_of_the_blocks_input(weights_dir):
+    """Block l's attention is made from block l-1's output: at the planted block itself the planted
+    cells were still ordinary in its input; one block later they are outlined."""
+    at = _planted_app(weights_dir)
+    at.switch_page("views/attention.py").run()
+    at.slider(key="layer").set_value(PLANTED_LAYER).run()
+    _ok(at)
+    maps = _figures(at)[0]
+    assert _outlined({"data": [t for t in maps["data"] if t.get("xaxis") == "x"]}) == set()
+    at.slider(key="layer").set_value(0).run()
+    _ok(at)
+    assert _outlined({"data": [t for t in _figures(at)[0]["data"] if t.get("xaxis") == "x"]}) == set()
+    assert any("no outlier split" in a["text"] for a in _figures(at)[1]["layout"]["annotations"])
 
 
 def test_a_model_without_registers_in_the_attention_view_says_so(weights_dir):

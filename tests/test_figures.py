@@ -165,13 +165,19 @@ def test_emergence_marks_the_first_outlier_layer_of_each_model():
 
 
 def test_cls_attention_figure_shows_masses_in_percent():
-    trace = synthetic_trace(outliers={1: [(1, 2)]})
+    trace = synthetic_trace(outliers={1: [(1, 2)]})  # 15 tokens: cls, 2 registers, 12 patches
     mass = cls_outlier_attention(trace, layer_outliers(trace), head=0)
-    fig = figures.cls_attention_figure([("plain", mass)], layer=1)
-    on_outliers = [t for t in fig.data if t.name == "plain: attention on outliers"][0]
-    assert list(on_outliers.y) == pytest.approx([0, 50, 0], abs=1e-4)
+    fig = figures.cls_attention_figure([("plain", mass)], layer=2)
+    on_outliers = [t for t in fig.data if t.name == "plain: attention on input outliers"][0]
+    assert np.isnan(on_outliers.y[0])  # block 0: no outlier mask
+    assert list(on_outliers.y[1:]) == pytest.approx([0, 100 / 15], abs=1e-4)  # block 2 reads layer 1's outlier
+    baseline = [t for t in fig.data if t.name == "plain: if spread evenly over patches"][0]
+    assert baseline.y[2] == pytest.approx(100 / 12 * 12 / 15, abs=1e-4)
     bars = [t for t in fig.data if t.type == "bar"][0]
-    assert list(bars.y) == pytest.approx([50, 50 - 100 * mass.prefix_mass[1], 100 * mass.prefix_mass[1]], abs=1e-3)
+    assert list(bars.y) == pytest.approx([100 / 15, 1100 / 15, 300 / 15], abs=1e-3)
+    assert "block l-1 output" in fig.layout.annotations[0].text
+    first = figures.cls_attention_figure([("plain", mass)], layer=0)
+    assert np.isnan(first.data[-1].y[:2]).all() and "no outlier split" in first.layout.annotations[-1].text
 
 
 def test_embedding_points_carry_image_and_cell():

@@ -7,8 +7,9 @@ import image_data
 import ui
 
 st.title("Attention")
-st.caption("Attention of the CLS token and of each register over the patches, laid over the image; outlier cells "
-           "outlined. Without registers CLS attends to the outliers; with them, the registers take that role.")
+st.caption("Attention of the CLS token and of each register over the patches in block l, laid over the image; "
+           "outlined: the tokens that were outliers in the block's input (block l-1 output), which made its keys. "
+           "Without registers CLS attends to the outliers; with them, the registers take that role.")
 request = ui.page_request()
 result = ui.fetch(data.captured, request)
 ui.notes(result)
@@ -44,11 +45,13 @@ scale = ("One colour scale for all maps (attention is a share of the query's tot
          else "Each map has its own colour scale, from its lowest to its highest attention (bar beside it)")
 st.caption(" · ".join(f"**{panel.label}**: {panel.num_registers} registers" for panel in view.panels) + f". {scale}.")
 
-st.subheader("CLS attention on outlier tokens")
+st.subheader(figures.CLS_INPUT_OUTLIERS)
 masses = [(panel.label, panel.cls_mass) for panel in view.panels if panel.cls_mass is not None]
 if masses:
     ui.chart(figures.cls_attention_figure(masses, layer), key="cls-mass")
-    st.caption("Dotted: the share of patches that are outliers. Attention far above that share means CLS reads the outliers.")
+    st.caption("Dotted: what the outliers would get if CLS spread its attention on patches evenly (their share of the "
+               "patches times CLS's attention on patches). Far above it, CLS reads the outliers. Block 0 has no "
+               "point: its input (patch and position embeddings) has no captured norms, so no outlier mask.")
 else:
     st.info("This model has no class token, so there is no CLS attention to measure.")
 ui.download_table(view.table, f"attention_{data.image_name(ref)}_layer{layer}.csv")

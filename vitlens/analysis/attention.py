@@ -3,6 +3,12 @@
 Attention comes from ``Trace.attention`` (softmax of each prefix query over all tokens, per layer
 and head), so nothing here needs the model. Token order is the trace's ``TokenLayout``:
 [cls, registers..., patches row-major].
+
+Block ``l``'s attention is computed from its *input*, the output of block ``l - 1``, while
+``Trace.norms[l]`` (and so the outlier masks) are block ``l``'s *output*. Attention to outliers
+therefore pairs block ``l`` with the outliers of layer ``l - 1``: the tokens that were outliers
+when its queries and keys were made. Block 0's input (patch and position embeddings) has no
+captured norms, so it has no outlier mask (None, NaN in per-block arrays), not an empty one.
 """
 from __future__ import annotations
 
@@ -47,35 +53,45 @@ class AttentionMaps:
 
 @dataclass(frozen=True, eq=False)
 class ClsOutlierAttention:
-    """Where CLS attention goes in each layer: outlier patches, the other patches, prefix tokens.
+    """Where CLS attention goes in each block: to patches that were outliers in the block's input
+    (block ``l - 1``'s output), to the other patches, to prefix tokens.
 
-    Masses are shares of CLS's attention (they sum to 1 per layer).
+    Masses are shares of CLS's attention (they sum to 1 per block). Block 0 has no outlier mask
+    (its input has no captured norms), so its outlier and normal masses and count are NaN.
 
     Attributes:
         head: Head index, or None for the mean over heads.
-        outlier_mass: Attention to outlier patches.  # [layer]
-        normal_mass: Attention to the other patches.  # [layer]
-        prefix_mass: Attention to CLS itself and the registers.  # [layer]
-        num_outliers: Outlier patches per layer.  # [layer]
-        num_patches: Patches per layer.
+        outlier_mass: Attention to patches that were outliers in the block's input.  # [block]
+        normal_mass: Attention to the other patches.  # [block]
+        patch_mass: Attention to all patches.  # [block]
+        prefix_mass: Attention to CLS itself and the registers.  # [block]
+        num_outliers: Outlier patches in the block's input (float: NaN for block 0).  # [block]
+        num_patches: Patches per block.
     """
 
     head: int | None
     outlier_mass: np.ndarray
     normal_mass: np.ndarray
+    patch_mass: np.ndarray
     prefix_mass: np.ndarray
     num_outliers: np.ndarray
     num_patches: int
 
     @property
+    def expected_outlier_mass(self) -> np.ndarray:
+        """The baseline: what the outliers would get if CLS spread its attention on patches evenly
+        (their share of the patches times the attention on patches).  # [block]"""
+        return self.num_outliers / self.num_patches * self.patch_mass
+
+    @property
     def outlier_per_token(self) -> np.ndarray:
-        """Mean attention per outlier patch; NaN in layers without outliers.  # [layer]"""
+        """Mean attention per outlier patch; NaN in blocks without input outliers and block 0.  # [block]"""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.num_outliers > 0, self.outlier_mass / self.num_outliers, np.nan)
 
     @property
     def normal_per_token(self) -> np.ndarray:
-        """Mean attention per normal patch.  # [layer]"""
+        """Mean attention per normal patch; NaN for block 0.  # [block]"""
         normal = self.num_patches - self.num_outliers
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(normal > 0, self.normal_mass / normal, np.nan)
@@ -145,8 +161,14 @@ def pool_attention_map(trace: Trace, head: int | None = None) -> AttentionMaps |
                          to_prefix=attention[:, :layout.num_prefix])
 
 
+def input_outlier_mask(outliers: LayerOutliers, block: int) -> np.ndarray | None:
+    """The outliers of block ``block``'s input (layer ``block - 1``'s output); None for block 0,
+    whose input (patch and position embeddings) has no captured norms.  # [row, col]"""
+    return outliers.masks[block - 1] if block > 0 else None
+
+
 def cls_outlier_attention(trace: Trace, outliers: LayerOutliers, head: int | None = None) -> ClsOutlierAttention:
-    """How much of CLS's attention the outlier patches receive, layer by layer.
+    """How much of CLS's attention goes to the patches that were outliers in each block's input.
 
     Args:
         trace: One image's capture.
@@ -161,14 +183,17 @@ def cls_outlier_attention(trace: Trace, outliers: LayerOutliers, head: int | Non
         raise OptionError("This model has no class token, so there is no CLS attention to measure.")
     if outliers.masks.shape != (trace.num_layers, *layout.grid):
         raise ValueError(f"outlier masks {outliers.masks.shape} do not match the trace {(trace.num_layers, *layout.grid)}")
-    cls = _heads(trace.attention, head)[:, layout.cls_index]  # [layer, token]
-    to_patches = layout.patch_grid(cls)  # [layer, row, col]
-    outlier_mass = (to_patches * outliers.masks).sum(axis=(1, 2))
+    cls = _heads(trace.attention, head)[:, layout.cls_index].astype(np.float64)  # [block, token]
+    to_patches = layout.patch_grid(cls)  # [block, row, col]
+    patch_mass = to_patches.sum(axis=(1, 2))
+    inputs = outliers.masks[:-1]  # block l's input is layer l-1's output  # [block - 1, row, col]
+    outlier_mass = np.concatenate([[np.nan], (to_patches[1:] * inputs).sum(axis=(1, 2))])
     return ClsOutlierAttention(
         head=head,
         outlier_mass=outlier_mass,
-        normal_mass=to_patches.sum(axis=(1, 2)) - outlier_mass,
+        normal_mass=patch_mass - outlier_mass,
+        patch_mass=patch_mass,
         prefix_mass=cls[:, :layout.num_prefix].sum(axis=1),
-        num_outliers=outliers.counts.astype(np.int64),
+        num_outliers=np.concatenate([[np.nan], inputs.sum(axis=(1, 2))]),
         num_patches=layout.num_patches,
     )
