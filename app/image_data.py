@@ -297,7 +297,7 @@ def trace_npz(request: Request, threshold: float | None = None) -> bytes:
             prefix = f"m{m}_i{i}_"
             arrays.update({
                 prefix + "norms": trace.norms.astype(np.float32),
-                prefix + "final_norms": trace.final_norms.astype(np.float32),
+                prefix + "final_norms": trace.final_norms_or_nan(),
                 prefix + "attention": trace.attention.astype(np.float32),
                 prefix + "outliers": found.masks,
                 prefix + "thresholds": found.thresholds,

@@ -19,6 +19,7 @@ from vitlens.layout import TokenLayout
 
 TINY = "vitlens_test_tiny_patch14_dinov2"  # named like timm's DINOv2 ViTs, so the app pairs them
 TINY_REG = "vitlens_test_tiny_patch14_reg4_dinov2"
+TINY_GAP = "vitlens_test_tiny_patch14_gap"  # average-pooled (fc_norm after pooling): no per-token final norm
 TINY_SIDE = 112  # the tiny models' native input: grid 8 x 8
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app"
@@ -65,8 +66,8 @@ def synthetic_trace(
 
 
 def register_tiny_models() -> None:
-    """Register the tiny DINOv2-style pair with timm (idempotent)."""
-    if timm.is_model(TINY):
+    """Register the tiny DINOv2-style pair and an average-pooled twin with timm (idempotent)."""
+    if timm.is_model(TINY_GAP):
         return
     from timm.models.vision_transformer import vit_small_patch14_dinov2, vit_small_patch14_reg4_dinov2
 
@@ -81,8 +82,12 @@ def register_tiny_models() -> None:
     def vitlens_test_tiny_patch14_reg4_dinov2(pretrained: bool = False, **kwargs):
         return vit_small_patch14_reg4_dinov2(pretrained=False, **tiny_args(kwargs))
 
+    def vitlens_test_tiny_patch14_gap(pretrained: bool = False, **kwargs):
+        return vit_small_patch14_dinov2(pretrained=False, **tiny_args({"global_pool": "avg", **kwargs}))
+
     register_model(vitlens_test_tiny_patch14_dinov2)
     register_model(vitlens_test_tiny_patch14_reg4_dinov2)
+    register_model(vitlens_test_tiny_patch14_gap)
 
 
 def planted_weights(path: Path, name: str, cells, layer: int) -> Path:

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_ARGS
 from vitlens.capture import capture, input_resolution, neighbor_similarity, record
+from vitlens.errors import OptionError
 from vitlens.layout import TokenLayout
+from vitlens.models import load_model
 
 
 def _reference_attention(loaded, pixels: torch.Tensor) -> np.ndarray:
@@ -311,3 +314,20 @@ def test_layout_and_grid_come_from_the_model(name, prefix_names, stride):
     assert trace.norms.shape == (1, len(prefix_names) + 15)
     assert trace.attention.shape[2] == len(prefix_names)
     np.testing.assert_allclose(trace.attention.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_args", [dict(global_pool="avg"), dict(final_norm=False)], ids=["avg_pool_fc_norm", "no_final_norm"])
+def test_a_model_without_a_per_token_final_norm_records_none(model_args, pixels):
+    """``model.norm`` is Identity: there is no per-token final norm, so no "after the final norm" values."""
+    loaded = load_model("vit_small_patch14_dinov2", "random", model_args=dict(TINY_ARGS, **model_args))
+    trace = capture(loaded, pixels(loaded, seed=12))[0]
+    assert trace.final_norms is None and not trace.has_final_norm
+    with pytest.raises(OptionError, match="no per-token final norm"):
+        trace.patch_norms(post_norm=True)
+    assert trace.patch_norms().shape == (4, 4, 4)
+
+
+def test_a_model_with_a_final_norm_records_it(tiny_vit, pixels):
+    trace = capture(tiny_vit, pixels(tiny_vit, seed=12))[0]
+    assert trace.has_final_norm and trace.final_norms.shape == (trace.layout.num_tokens,)
+    assert not np.allclose(trace.final_norms, trace.norms[-1])

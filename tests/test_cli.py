@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
+from app_fixtures import TINY, TINY_GAP, register_tiny_models
 from vitlens.cli import main
 from vitlens.models import PRESETS, load_model
 
@@ -89,6 +90,20 @@ def test_save_writes_exactly_the_contract_arrays(capsys, image, tmp_path):
     for index, layer in enumerate(summary["layers"]):
         assert arrays["norms"][index, prefix:].max() == pytest.approx(layer["norm_max"])
         assert int(arrays["outliers"][index].sum()) == layer["num_outliers"]
+
+
+def test_save_and_json_say_when_there_is_no_per_token_final_norm(capsys, image, tmp_path):
+    """An average-pooled model (fc_norm after pooling) has no per-token final norm: ``final_norms``
+    keeps its contract shape but is all NaN, and ``--json`` says ``has_final_norm: false``."""
+    register_tiny_models()
+    out = tmp_path / "gap.npz"
+    summary = _inspect_json(capsys, image, "--model", TINY_GAP, "--weights", "random", "--save", out)
+    arrays = np.load(out)
+    assert summary["has_final_norm"] is False
+    assert arrays["final_norms"].shape == (arrays["norms"].shape[1],) and np.isnan(arrays["final_norms"]).all()
+    assert set(arrays.files) == set(NPZ) and arrays["final_norms"].dtype == np.float32
+    plain = _inspect_json(capsys, image, "--model", TINY, "--weights", "random", "--save", out)
+    assert plain["has_final_norm"] is True and np.isfinite(np.load(out)["final_norms"]).all()
 
 
 def test_planted_outliers_through_the_cli(capsys, plant, make_photo, encode, tmp_path):

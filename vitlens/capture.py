@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import Adapter, AttentionSite, adapter_for
+from .errors import OptionError
 from .interventions import TestTimeRegister, apply_test_time_register
 from .layout import TokenLayout
 from .models import LoadedModel
 
-CAPTURE_VERSION = 3  # bump when the content of a Trace changes; part of every cache key
+CAPTURE_VERSION = 4  # bump when the content of a Trace changes; part of every cache key
 # 3: prefix attention of bf16/fp16 captures computed in float32 (caches of version 1 held half-precision values)
+# 4: final_norms is None for models without a per-token final norm (version 3 held the pre-norm values)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NO_FINAL_NORM = ("This model has no per-token final norm (it pools the tokens before normalising, or has no final "
+                 "norm), so there are no norms after the final norm to show.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,7 +43,9 @@ class Trace:
         layout: Token order of this pass.
         input_size: Model input (height, width) in pixels.
         norms: L2 norm of every token after each block, before the final norm.  # [layer, token]
-        final_norms: L2 norm of every token after the final norm.  # [token]
+        final_norms: L2 norm of every token after the final norm; None when the model has no
+            per-token final norm (``model.norm`` is Identity: average pooling with ``fc_norm``
+            after it, or ``final_norm=False``).  # [token]
         attention: Softmax attention of each prefix query over all tokens; no heads (size 0)
             when captured with ``attention=False``.  # [layer, head, prefix, token]
         neighbor_similarity: Mean cosine similarity of each patch embedding (before position
@@ -53,7 +59,7 @@ class Trace:
     layout: TokenLayout
     input_size: tuple[int, int]
     norms: np.ndarray
-    final_norms: np.ndarray
+    final_norms: np.ndarray | None
     attention: np.ndarray
     neighbor_similarity: np.ndarray
     states: Mapping[int, np.ndarray] = field(default_factory=dict)
@@ -67,9 +73,29 @@ class Trace:
     def num_heads(self) -> int:
         return self.attention.shape[1]
 
+    @property
+    def has_final_norm(self) -> bool:
+        """Whether the model normalises every token at the end (so ``final_norms`` exists)."""
+        return self.final_norms is not None
+
+    def final_norms_or_nan(self) -> np.ndarray:
+        """``final_norms`` as arrays are saved (``--save``, the app's NPZ): all NaN when the model
+        has no per-token final norm, so the array keeps its shape.  # [token]"""
+        if self.final_norms is None:
+            return np.full(self.layout.num_tokens, np.nan, dtype=np.float32)
+        return self.final_norms.astype(np.float32)
+
     def patch_norms(self, post_norm: bool = False) -> np.ndarray:
-        """Patch-token norms on the grid: ``[layer, row, col]``, or ``[row, col]`` after the final norm."""
-        return self.layout.patch_grid(self.final_norms if post_norm else self.norms)
+        """Patch-token norms on the grid: ``[layer, row, col]``, or ``[row, col]`` after the final norm.
+
+        Raises:
+            OptionError: ``post_norm`` for a model without a per-token final norm.
+        """
+        if not post_norm:
+            return self.layout.patch_grid(self.norms)
+        if self.final_norms is None:
+            raise OptionError(NO_FINAL_NORM)
+        return self.layout.patch_grid(self.final_norms)
 
 
 def capture(
@@ -162,7 +188,9 @@ class _Recorder:
     def attach(self, model: torch.nn.Module, adapter: Adapter, handles: list[RemovableHandle]) -> None:
         """Register every hook, appending each handle to ``handles`` as soon as it exists."""
         handles.append(model.patch_embed.register_forward_hook(self._on_patch_embed))
-        handles.append(adapter.final_norm(model).register_forward_hook(self._on_final_norm))
+        final_norm = adapter.final_norm(model)
+        if not isinstance(final_norm, torch.nn.Identity):  # Identity: no per-token final norm to record
+            handles.append(final_norm.register_forward_hook(self._on_final_norm))
         for index, block in enumerate(adapter.blocks(model)):
             if self.with_attention:
                 self._attach_attention(adapter.attention_site(model, index), self.num_prefix, self.attention, handles)
@@ -217,11 +245,11 @@ class _Recorder:
         norms = torch.stack(self.norms, dim=1).cpu().numpy()  # [batch, layer, token]
         attention = self._host_attention(norms.shape)  # [batch, layer, head, prefix, token]
         pool = self._pool_over_all_tokens(layout.num_tokens)  # [batch, head, query, token] or None
-        final_norms = self.final_norms.cpu().numpy()
+        final_norms = None if self.final_norms is None else self.final_norms.cpu().numpy()
         similarity = neighbor_similarity(self.patch_embeddings, layout.grid).cpu().numpy()
         states = {layer: _to_host(tensor).numpy() for layer, tensor in self.states.items()}
         return [
-            Trace(layout=layout, input_size=input_size, norms=norms[i], final_norms=final_norms[i],
+            Trace(layout=layout, input_size=input_size, norms=norms[i], final_norms=None if final_norms is None else final_norms[i],
                   attention=attention[i], neighbor_similarity=similarity[i],
                   states={layer: values[i] for layer, values in states.items()},
                   pool_attention=None if pool is None else pool[i])

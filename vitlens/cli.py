@@ -255,6 +255,7 @@ def inspect_summary(args: argparse.Namespace, result: TraceResult, outliers: Lay
         "num_prefix_tokens": trace.layout.num_prefix,
         "num_registers": trace.layout.num_registers,
         "cached": result.cached,
+        "has_final_norm": trace.has_final_norm,
         "first_outlier_layer": outliers.first_layer,
         "layers": layers,
     }
@@ -290,7 +291,7 @@ def save_npz(path: Path, result: TraceResult, outliers: LayerOutliers) -> None:
             np.savez_compressed(
                 handle,
                 norms=trace.norms.astype(np.float32),
-                final_norms=trace.final_norms.astype(np.float32),
+                final_norms=trace.final_norms_or_nan(),
                 attention=trace.attention.astype(np.float32),
                 outliers=outliers.masks,
                 thresholds=outliers.thresholds.astype(np.float32),
