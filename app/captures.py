@@ -23,7 +23,7 @@ from vitlens.errors import HubUnavailableError, OptionError, VitlensError, Weigh
 from vitlens.images import DecodedImage
 from vitlens.interventions import TestTimeRegister
 from vitlens.store import CaptureOptions
-from vitlens.synthetic import DEMO_CELLS, SYNTHETIC_SIDE, demo_layer
+from vitlens.synthetic import DEMO_CELLS, demo_layer
 
 HUB_RETRY_S = 300.0  # after a hub failure, use the offline fallback without asking the hub again for this long
 OFFLINE_WEIGHTS = "synthetic"  # what the app shows when pretrained weights cannot be had (random if it cannot be built)
@@ -153,8 +153,9 @@ def synthetic_note(result: Captured) -> str:
     if planted:
         run = planted[0]
         parts.append(f"Random weights in which `{run.choice.name}` has high-norm tokens planted at {len(DEMO_CELLS)} fixed "
-                     f"cells from block {demo_layer(run.num_layers)} of {run.num_layers} on (exact at {SYNTHETIC_SIDE} px, "
-                     "the same cells whatever the picture).")
+                     f"cells from block {demo_layer(run.num_layers)} of {run.num_layers} on (the same cells, at the same "
+                     "relative positions, whatever the picture, input side and aspect: four distinct cells on any grid "
+                     "of at least 2 x 2 patches).")
     else:
         parts.append("Random weights; models with registers get nothing planted.")
     if clean:

@@ -264,7 +264,7 @@ def _weights_controls(pair: str | None) -> tuple[str | None, str]:
             st.caption("Random weights: no artifacts expected (useful to check the app works offline).")
         if mode == "synthetic":
             st.caption("Not a trained model: random weights with high-norm tokens planted at fixed cells from the middle "
-                       "block of the model without registers (exact at 224 px); the twin with registers is left clean. "
+                       "block of the model without registers (the same cells at every side and aspect); the twin with registers is left clean. "
                        "Offline, pretrained weights fall back to this demo.")
         return mode, mode
     if mode == "file":

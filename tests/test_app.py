@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 from app_fixtures import APP, TINY, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models
 from conftest import PLANTED_CELLS, PLANTED_LAYER
 from vitlens.models import load_model
-from vitlens.synthetic import DEMO_CELLS
+from vitlens.synthetic import DEMO_CELLS, demo_cells
 
 TIMEOUT = 180
 PAGES = ["views/norm_maps.py", "views/histogram.py", "views/emergence.py", "views/attention.py",
@@ -120,6 +120,22 @@ def test_random_weights_are_one_click_away_and_the_demo_can_be_chosen():
     assert not at.info and at.query_params["weights"] == "random"
     assert [_outlined(f) for f in _figures(at)] == [set(), set()]
     assert all("<sup>random weights: no artifacts expected<br>" in _title(f) for f in _figures(at))
+
+
+@pytest.mark.parametrize("side, portrait", [("112", False), ("224", True)], ids=["landscape-112px", "portrait-224px"])
+def test_the_demo_outlines_the_same_cells_at_any_side_and_aspect(side, portrait):
+    """The demo's note promises the same cells whatever the picture, side and aspect: a 3:2 landscape
+    gallery photograph at 112 px (grid 5x8) and a 2:3 portrait upload at 224 px (grid 16x11)."""
+    at = _app(images="coffee", side=side, weights="synthetic", layer="11", compare="0", model="dinov2_vits14").run()
+    if portrait:
+        at.file_uploader(key="image_uploads").set_value(("portrait.png", png_bytes(200, 300), "image/png")).run()
+        uploads = [ref for ref in at.multiselect(key="images").value if ref.startswith("upload-")]
+        at.multiselect(key="images").set_value(uploads).run()
+    _ok(at)
+    assert "whatever the picture, input side and aspect" in at.info[0].value
+    (figure,) = _figures(at)
+    grid = (16, 11) if portrait else (5, 8)
+    assert _outlined(figure) == set(demo_cells(grid))
 
 
 def test_norm_maps_outline_the_planted_cells_and_follow_layer_and_post_norm(weights_dir):

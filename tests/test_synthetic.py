@@ -12,6 +12,7 @@ import torch
 from vitlens.analysis.outliers import layer_outliers
 from vitlens.capture import capture
 from vitlens.errors import WeightsError
+from vitlens.images import input_shape
 from vitlens.models import load_model, resolve_spec, weights_fingerprint
 from vitlens.synthetic import DEMO_CELLS, SYNTHETIC_SIDE, demo_cells, demo_layer, plant_outliers
 
@@ -44,11 +45,48 @@ def test_the_twin_with_registers_stays_clean():
     assert not found.masks.any()
 
 
-def test_a_landscape_picture_keeps_every_planted_cell():
-    """224 x 154 px (grid 11 x 16, as a 3:2 photograph): the resampled cells still fire, one each."""
-    found = _outliers(load_model("vit_small_patch14_dinov2", "synthetic", model_args=DEMO_ARGS), height=154)
-    assert found.counts[-1] == len(DEMO_CELLS)
-    assert {col for _, col in _cells(found.masks[-1])} == {col for _, col in DEMO_CELLS}
+DEMO_MODELS = {  # tiny versions of a patch-14 and two patch-16 preset architectures
+    "vit_small_patch14_dinov2": (112, 224, 518),
+    "deit3_base_patch16_224": (112, 224, 512),  # no_embed_class, LayerScale
+    "vit_base_patch16_clip_224": (112, 224, 512),  # pre-norm before the blocks, QuickGELU
+}
+ASPECTS = {"portrait": (200, 300), "landscape": (300, 200), "square": (300, 300)}  # (width, height) of the picture
+
+
+@pytest.fixture(scope="module", params=list(DEMO_MODELS))
+def demo_model(request):
+    return load_model(request.param, "synthetic", model_args=DEMO_ARGS)
+
+
+@pytest.mark.parametrize("aspect", list(ASPECTS))
+@pytest.mark.parametrize("size", [0, 1, 2], ids=["small", "native", "large"])
+def test_the_planted_cells_are_the_same_at_every_side_and_aspect(demo_model, aspect, size):
+    """The demo's promise: whatever the picture, side and aspect, the high-norm tokens are
+    ``demo_cells(grid)`` (four distinct cells on any grid of at least 2 x 2) from the middle block on."""
+    side = DEMO_MODELS[demo_model.spec.arch][size]
+    height, width = input_shape(ASPECTS[aspect], side, demo_model.patch_size)
+    trace = capture(demo_model, torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(size)))[0]
+    grid = trace.layout.grid
+    cells = demo_cells(grid)
+    assert len(set(cells)) == len(DEMO_CELLS)
+    planted = np.zeros(grid, dtype=bool)
+    planted[tuple(np.array(cells).T)] = True
+    norms = trace.patch_norms()  # [layer, row, col]
+    layer = demo_layer(6)
+    for block in range(layer, 6):
+        median = np.median(norms[block][~planted])
+        assert norms[block][planted].min() > 5 * median, (block, grid)
+        assert norms[block][~planted].max() < 2 * median, (block, grid)
+    assert norms[layer - 1].max() < 2 * np.median(norms[layer - 1])  # nothing before the planted block
+    found = layer_outliers(trace, None)
+    assert _cells(found.masks[-1]) == set(cells), grid
+
+
+@pytest.mark.parametrize("grid, distinct", [((2, 2), 4), ((2, 9), 4), ((9, 2), 4), ((1, 1), 1), ((37, 25), 4)])
+def test_demo_cells_on_small_and_odd_grids(grid, distinct):
+    cells = demo_cells(grid)
+    assert len(cells) == distinct == len(set(cells))
+    assert all(0 <= row < grid[0] and 0 <= col < grid[1] for row, col in cells)
 
 
 def test_weights_are_deterministic_and_fingerprinted_apart_from_random():

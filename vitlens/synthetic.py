@@ -15,6 +15,16 @@ truth for the tests and as the offline demo of the dashboard (``weights="synthet
    saturated at the chosen cells and zero elsewhere) and write ``norm * v`` for a random unit
    vector ``v``. Later blocks carry the large tokens on through the residual stream.
 
+Step 2 is exact only on the grid the position embeddings were made for: at another input size
+they are resampled, which blurs the single-cell ``+2 d`` spikes (at 112 px nothing fires; on a
+3:2 picture some cells are lost; at 518 px neighbours fire too). So the model also carries a
+forward hook on ``model.norm_pre`` (its output: the tokens with position embeddings added) that
+sets every patch token's component along ``d`` to exactly ``+2`` at the chosen cells *moved to
+the current grid* (``cells_on_grid``: same relative position) and ``-2`` elsewhere. On the
+native grid the hook changes nothing; on any other grid of at least 2 x 2 cells the same four
+demo cells, and only they, become high-norm tokens, whatever the side, aspect and picture. The
+hook is not in the state dict: a saved planted model keeps step 2, exact at its native grid only.
+
 This mimics *where* and *from which layer* the paper's artifact tokens show up, nothing more:
 the planted tokens sit at fixed positions whatever the image shows, and attention, CLS and
 every other weight are those of a random model. A model with registers gets nothing planted;
@@ -36,11 +46,11 @@ from .errors import WeightsError
 if TYPE_CHECKING:
     from .models import LoadedModel
 
-SYNTHETIC_VERSION = 1  # bump when the demo's weights change; part of the weights fingerprint
-SYNTHETIC_SIDE = 224  # the demo model's native input: its planted cells are exact at this side
+SYNTHETIC_VERSION = 2  # bump when the demo's weights or planting change; part of the weights fingerprint
+SYNTHETIC_SIDE = 224  # the demo model's native input
 DEMO_GRID = (16, 16)  # DEMO_CELLS are cells of this grid (224 px at patch 14)
-# Near the border, where photographs tend to have background; rows chosen so that a 16x11 grid
-# (a 3:2 landscape picture) still resamples each planted cell onto one cell.
+# Near the border, where photographs tend to have background; on any grid of at least 2 x 2
+# cells they stay four distinct cells (see demo_cells).
 DEMO_CELLS = ((2, 12), (3, 1), (9, 14), (12, 2))
 PLANT_SEED = 1
 Cells = tuple[tuple[int, int], ...]
@@ -54,16 +64,19 @@ class Planted:
     cells: Cells
     layer: int
 
-    def mask(self) -> np.ndarray:
-        """True at the planted cells.  # [row, col]"""
-        mask = np.zeros(tuple(self.loaded.model.patch_embed.grid_size), dtype=bool)
-        for row, col in self.cells:
+    def mask(self, grid: tuple[int, int] | None = None) -> np.ndarray:
+        """True at the planted cells of ``grid`` (default: the model's native grid).  # [row, col]"""
+        native = tuple(self.loaded.model.patch_embed.grid_size)
+        grid = grid or native
+        mask = np.zeros(grid, dtype=bool)
+        for row, col in cells_on_grid(self.cells, native, grid):
             mask[row, col] = True
         return mask
 
 
 def plant_outliers(loaded: LoadedModel, cells: Sequence[tuple[int, int]], layer: int, norm: float = 100.0) -> Planted:
-    """Plant high-norm tokens at ``cells`` (of the model's native grid) from block ``layer`` on.
+    """Plant high-norm tokens at ``cells`` (of the model's native grid) from block ``layer`` on;
+    at other input sizes, at the same relative positions (``cells_on_grid``).
 
     Changes ``loaded.model`` in place; see the module docstring for how.
 
@@ -74,23 +87,31 @@ def plant_outliers(loaded: LoadedModel, cells: Sequence[tuple[int, int]], layer:
     return Planted(loaded=loaded, cells=tuple(tuple(cell) for cell in cells), layer=layer)
 
 
-def plant(model: VisionTransformer, cells: Sequence[tuple[int, int]], layer: int, norm: float = 100.0) -> None:
+def plant(model: VisionTransformer, cells: Sequence[tuple[int, int]], layer: int, norm: float = 100.0,
+          cells_grid: tuple[int, int] | None = None) -> None:
     """``plant_outliers`` on a bare timm ViT (in place).
+
+    Args:
+        model: The ViT.
+        cells: (row, col) cells of ``cells_grid``.
+        layer: The block that makes them high-norm.
+        norm: Norm the planted neurons write.
+        cells_grid: The grid ``cells`` belong to (default: the model's native grid); every grid
+            gets them at the same relative positions.
 
     Raises:
         WeightsError: the model has no absolute position embeddings or no plain MLP in that block.
     """
     _check_plantable(model, layer)
     d, v = _directions(model.embed_dim)
-    rows, cols = model.patch_embed.grid_size
-    sign = -torch.ones(rows * cols)
-    for row, col in cells:
-        sign[row * cols + col] = 1.0
+    native = tuple(model.patch_embed.grid_size)
+    cells_grid = cells_grid or native
     num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     with torch.no_grad():
         _remove_direction(model, d)
-        model.pos_embed[0, num_prefix:] += 2.0 * sign[:, None] * d
+        model.pos_embed[0, num_prefix:] += 2.0 * _signs(cells_on_grid(cells, cells_grid, native), native)[:, None] * d
         _write_neurons(model.blocks[layer], d, v, norm)
+    model.norm_pre.register_forward_hook(_PlantOnEveryGrid(model.patch_embed, model.num_prefix_tokens, tuple(cells), cells_grid, d))
 
 
 def demo_layer(depth: int) -> int:
@@ -98,10 +119,18 @@ def demo_layer(depth: int) -> int:
     return depth // 2
 
 
+def cells_on_grid(cells: Sequence[tuple[int, int]], source: tuple[int, int], grid: tuple[int, int]) -> Cells:
+    """``cells`` of the ``source`` grid moved to ``grid`` at the same relative positions (the cell
+    of ``grid`` that holds each cell's top-left corner); cells that fall together are kept once."""
+    moved = ((row * grid[0] // source[0], col * grid[1] // source[1]) for row, col in cells)
+    return tuple(dict.fromkeys(moved))
+
+
 def demo_cells(grid: tuple[int, int]) -> Cells:
-    """``DEMO_CELLS`` moved to another grid at the same relative positions."""
-    rows, cols = grid
-    return tuple((row * rows // DEMO_GRID[0], col * cols // DEMO_GRID[1]) for row, col in DEMO_CELLS)
+    """The demo's planted cells on ``grid``: ``DEMO_CELLS`` at the same relative positions. Four
+    distinct cells on any grid of at least 2 x 2 (any two of them differ in a row or a column
+    that stays apart at 2 cells), and on a one-row or one-column grid of at least 8 cells."""
+    return cells_on_grid(DEMO_CELLS, DEMO_GRID, grid)
 
 
 def plant_demo(model: VisionTransformer) -> tuple[Cells, int] | None:
@@ -115,7 +144,7 @@ def plant_demo(model: VisionTransformer) -> tuple[Cells, int] | None:
     if adapter_for(model).prefix(model).num_registers:
         return None
     cells, layer = demo_cells(tuple(model.patch_embed.grid_size)), demo_layer(len(model.blocks))
-    plant(model, cells, layer)
+    plant(model, DEMO_CELLS, layer, cells_grid=DEMO_GRID)
     return cells, layer
 
 
@@ -132,6 +161,34 @@ def _check_plantable(model: VisionTransformer, layer: int) -> None:
     if type(mlp) is not Mlp or not isinstance(mlp.fc1, torch.nn.Linear) or mlp.fc1.bias is None or mlp.fc1.out_features < 2:
         raise WeightsError(f"The synthetic demo plants through a plain MLP, and block {layer} of '{name}' "
                            f"has a {type(mlp).__name__}.")
+
+
+def _signs(cells: Sequence[tuple[int, int]], grid: tuple[int, int]) -> torch.Tensor:
+    """+1 at ``cells``, -1 at every other cell, row-major.  # [patch]"""
+    sign = -torch.ones(grid[0] * grid[1])
+    for row, col in cells:
+        sign[row * grid[1] + col] = 1.0
+    return sign
+
+
+class _PlantOnEveryGrid:
+    """Forward hook on ``model.norm_pre``: sets each patch token's component along ``d`` to +2 at
+    the planted cells of the current grid and -2 elsewhere (what the native position embeddings
+    give on their own grid, and resampled ones only approximately on others)."""
+
+    def __init__(self, patch_embed: torch.nn.Module, num_prefix: int, cells: Cells, cells_grid: tuple[int, int],
+                 d: torch.Tensor) -> None:
+        self.patch_embed, self.num_prefix, self.cells, self.cells_grid, self.d = patch_embed, num_prefix, cells, cells_grid, d
+
+    def __call__(self, module: torch.nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
+        grid = tuple(self.patch_embed.grid_size)
+        signs = _signs(cells_on_grid(self.cells, self.cells_grid, grid), grid).to(tokens)  # [patch]
+        prefix, patches = tokens[:, :self.num_prefix], tokens[:, self.num_prefix:]  # [batch, token, channel]
+        if patches.shape[1] != signs.numel():
+            raise RuntimeError(f"{patches.shape[1]} patch tokens do not fill the {grid[0]}x{grid[1]} grid")
+        d = self.d.to(tokens)
+        patches = patches + (2.0 * signs - patches @ d)[..., None] * d
+        return torch.cat([prefix, patches], dim=1)
 
 
 def _directions(dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ with DINO to 35.3 with DINOv2 and recovers to 55.4 with registers.
 machine with `python -m vitlens fetch dinov2_vits14_reg4` (and `dinov2_vits14`) and copy `HF_HOME` here.
 Without them the app shows the **synthetic demo (planted artifacts)**: *not a trained model*, but random weights
 in which the model without registers turns the tokens at four fixed cells near the border into high-norm tokens
-from its middle block on (exact at 224 px, whatever the picture shows), while its twin with registers stays
+from its middle block on (the same cells at every input side and aspect, whatever the picture shows), while its twin with registers stays
 clean. It shows what each view looks like when artifacts are there; attention and embeddings are those of random
 weights. *Random weights* (no artifacts expected) are one click away in the sidebar, as are local weights files
 from the folder named by `VITLENS_WEIGHTS_DIR`.
