@@ -123,6 +123,12 @@ class ModelRun:
     def num_heads(self) -> int:
         return self.traces[0].num_heads
 
+    @property
+    def has_final_norm(self) -> bool:
+        """Whether the model normalises every token at the end (False: average pooling with
+        fc_norm after it, or no final norm), so that there are norms "after the final norm"."""
+        return all(trace.has_final_norm for trace in self.traces)
+
 
 @dataclass(frozen=True, eq=False)
 class Captured:
@@ -138,6 +144,11 @@ class Captured:
     @property
     def notes(self) -> list[str]:
         return [run.note for run in self.runs if run.note]
+
+    @property
+    def without_final_norm(self) -> list[str]:
+        """Names of the models that have no per-token final norm."""
+        return [run.choice.name for run in self.runs if not run.has_final_norm]
 
     @property
     def synthetic(self) -> bool:

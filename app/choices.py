@@ -18,7 +18,7 @@ import timm
 from resources import settings
 from vitlens.analysis.population import weights_in
 from vitlens.errors import UnknownModelError, VitlensError, WeightsError
-from vitlens.models import PRESETS, WEIGHT_SUFFIXES, ModelSpec, resolve_spec
+from vitlens.models import PRESETS, WEIGHT_SUFFIXES, ModelSpec, file_digest, resolve_spec
 
 WEIGHTS_UPLOAD_PREFIX = "upload:"
 WEIGHTS_FILE_PREFIX = "file:"
@@ -192,9 +192,9 @@ def weights_label(weights: str, registers: bool | None = None) -> str:
 
 
 def weights_id(weights: str) -> str:
-    """Weights plus, for files, size and modification time (so a replaced file is not served stale)."""
+    """Weights plus, for files, their content digest (so a replaced file is not served stale, even one
+    of the same size with its times set back; ``file_digest`` hashes again only when the file changed)."""
     path = weights_path(weights)
     if path in NAMED_WEIGHTS:
         return weights
-    stat = Path(path).stat()
-    return f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{weights}:{file_digest(Path(path))}"

@@ -487,6 +487,19 @@ def notes(result: data.Captured) -> None:
         st.info(demo)
 
 
+def post_norm_toggle(result: data.Captured, label: str, help: str) -> bool:
+    """The "after the final norm" switch; off and disabled, with a sentence, when a model of the
+    request has no per-token final norm (nothing to show after it)."""
+    missing = result.without_final_norm
+    if missing:
+        st.session_state["post_norm"] = False
+    post_norm = st.toggle(label, key="post_norm", disabled=bool(missing), help=help)
+    if missing:
+        st.caption(f"{', '.join(missing)} has no per-token final norm (it pools the tokens before normalising, "
+                   "or has none), so there is nothing to show after it.")
+    return post_norm
+
+
 def layer_slider(num_layers: int, label: str = "Layer (block index, 0-based)") -> int:
     state = st.session_state
     layer = state.get("layer")

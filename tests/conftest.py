@@ -9,6 +9,9 @@ is ever downloaded and no test sees another test's cached traces.
 from __future__ import annotations
 
 import io
+import os
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -75,6 +78,19 @@ def image_bytes(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **save_args)
     return buffer.getvalue()
+
+
+def rewrite_keeping_size_and_times(path: Path, data: bytes) -> None:
+    """Overwrite ``path`` in place with ``data`` of the same size, then set its access and
+    modification times back: what (path, size, mtime) alone cannot tell from the old file."""
+    before = path.stat()
+    assert len(data) == before.st_size and data != path.read_bytes()
+    time.sleep(0.05)  # past the kernel's timestamp tick, as any real rewrite is
+    with open(path, "r+b") as handle:  # same inode
+        handle.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
 
 
 def photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:

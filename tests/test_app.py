@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
-from app_fixtures import APP, TINY, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models
-from conftest import PLANTED_CELLS, PLANTED_LAYER
+from app_fixtures import APP, TINY, TINY_GAP, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models
+from conftest import PLANTED_CELLS, PLANTED_LAYER, rewrite_keeping_size_and_times
 from vitlens.models import load_model
 from vitlens.synthetic import DEMO_CELLS, demo_cells
 
@@ -136,6 +136,35 @@ def test_the_demo_outlines_the_same_cells_at_any_side_and_aspect(side, portrait)
     (figure,) = _figures(at)
     grid = (16, 11) if portrait else (5, 8)
     assert _outlined(figure) == set(demo_cells(grid))
+
+
+def test_a_long_running_app_sees_a_same_size_rewrite_of_a_weights_file(weights_dir, tmp_path):
+    """Replacing a weights file by one of the same size with its times set back must not keep
+    serving the old traces (the app's request ids and the engine's digest memo)."""
+    at = _planted_app(weights_dir)
+    _ok(at)
+    assert _outlined(_figures(at)[0]) == set(PLANTED_CELLS)
+    moved = ((0, 0), (5, 5), (6, 1))
+    replacement = planted_weights(tmp_path / "moved.safetensors", TINY, moved, PLANTED_LAYER)
+    rewrite_keeping_size_and_times(weights_dir / "tiny_planted.safetensors", replacement.read_bytes())
+    at.run()
+    _ok(at)
+    assert _outlined(_figures(at)[0]) == set(moved)
+
+
+def test_a_model_without_a_per_token_final_norm_disables_the_post_norm_switch():
+    """An average-pooled model (fc_norm after pooling) has no per-token final norm: the switch is
+    off and disabled with a sentence saying why, and every page still opens."""
+    register_tiny_models()
+    at = _app(model=TINY_GAP, weights="random", side=str(TINY_SIDE), images="cat").run()
+    _ok(at)
+    assert at.toggle(key="post_norm").disabled and not at.toggle(key="post_norm").value
+    assert any("has no per-token final norm" in c.value for c in at.caption)
+    for page in PAGES[1:]:
+        at.switch_page(page).run()
+        _ok(at)
+        if page == "views/histogram.py":
+            assert at.toggle(key="post_norm").disabled
 
 
 def test_norm_maps_outline_the_planted_cells_and_follow_layer_and_post_norm(weights_dir):

@@ -3,7 +3,6 @@ synthetic weights, rewritten weights files (also in a long-running engine and wo
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from conftest import rewrite_keeping_size_and_times
 from job_fixtures import MODEL, OPTIONS, image, job_settings
 from vitlens.client import Client
 from vitlens.engine import Engine
@@ -36,18 +36,10 @@ def _save_weights(path: Path, seed: int) -> None:
 
 
 def _rewrite_keeping_size_and_times(path: Path, seed: int) -> None:
-    """Replace the file's bytes in place, then set its access and modification times back."""
-    before = path.stat()
-    time.sleep(0.05)  # past the kernel's timestamp tick, as any real rewrite is
     replacement = path.with_name("replacement.safetensors")
     _save_weights(replacement, seed)
-    assert replacement.stat().st_size == before.st_size
-    with open(path, "r+b") as handle:  # same inode, same size
-        handle.write(replacement.read_bytes())
+    rewrite_keeping_size_and_times(path, replacement.read_bytes())
     replacement.unlink()
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = path.stat()
-    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
 
 
 def test_a_trace_cached_by_capture_version_1_is_not_served(store: TraceStore) -> None:

@@ -31,7 +31,7 @@ with controls[1]:
     st.session_state["extra_layers"] = [l for l in st.session_state.get("extra_layers", []) if l in others]
     extra = st.multiselect("Pool more layers", others, key="extra_layers")
 with controls[2]:
-    post_norm = st.toggle("Post-final-norm", key="post_norm")
+    post_norm = ui.post_norm_toggle(result, "Post-final-norm", help="The norms after the model's final norm.")
 with controls[3]:
     log_y = st.toggle("Log-scale counts", key="log_y")
 with controls[4]:

@@ -20,9 +20,9 @@ controls = st.columns([4, 3, 3, 3])
 with controls[0]:
     layer = ui.layer_slider(result.num_layers)
 with controls[1]:
-    post_norm = st.toggle("After the final norm", key="post_norm",
-                          help="Off (pre-final-norm): the residual stream after the block, where outliers live. "
-                               "On (post-final-norm): the model's normalised output, where they no longer stand out.")
+    post_norm = ui.post_norm_toggle(result, "After the final norm",
+                                    help="Off (pre-final-norm): the residual stream after the block, where outliers live. "
+                                         "On (post-final-norm): the model's normalised output, where they no longer stand out.")
 with controls[2]:
     opacity = st.slider("Heat-map opacity", 0.0, 1.0, step=0.05, key="opacity")
 with controls[3]:
