@@ -21,7 +21,8 @@ they are resampled, which blurs the single-cell ``+2 d`` spikes (at 112 px nothi
 forward hook on ``model.norm_pre`` (its output: the tokens with position embeddings added) that
 sets every patch token's component along ``d`` to exactly ``+2`` at the chosen cells *moved to
 the current grid* (``cells_on_grid``: same relative position) and ``-2`` elsewhere. On the
-native grid the hook changes nothing; on any other grid of at least 2 x 2 cells the same four
+native grid it changes nothing (unless a pre-norm, as in CLIP, rescaled the tokens after the
+position embeddings; it undoes that along ``d``); on any other grid of at least 2 x 2 cells the same four
 demo cells, and only they, become high-norm tokens, whatever the side, aspect and picture. The
 hook is not in the state dict: a saved planted model keeps step 2, exact at its native grid only.
 
