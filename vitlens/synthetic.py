@@ -112,7 +112,7 @@ def plant(model: VisionTransformer, cells: Sequence[tuple[int, int]], layer: int
         _remove_direction(model, d)
         model.pos_embed[0, num_prefix:] += 2.0 * _signs(cells_on_grid(cells, cells_grid, native), native)[:, None] * d
         _write_neurons(model.blocks[layer], d, v, norm)
-    model.norm_pre.register_forward_hook(_PlantOnEveryGrid(model.patch_embed, model.num_prefix_tokens, tuple(cells), cells_grid, d))
+    model.norm_pre.register_forward_hook(_PlantOnEveryGrid(model.patch_embed, tuple(cells), cells_grid, d))
 
 
 def demo_layer(depth: int) -> int:
@@ -177,16 +177,16 @@ class _PlantOnEveryGrid:
     the planted cells of the current grid and -2 elsewhere (what the native position embeddings
     give on their own grid, and resampled ones only approximately on others)."""
 
-    def __init__(self, patch_embed: torch.nn.Module, num_prefix: int, cells: Cells, cells_grid: tuple[int, int],
-                 d: torch.Tensor) -> None:
-        self.patch_embed, self.num_prefix, self.cells, self.cells_grid, self.d = patch_embed, num_prefix, cells, cells_grid, d
+    def __init__(self, patch_embed: torch.nn.Module, cells: Cells, cells_grid: tuple[int, int], d: torch.Tensor) -> None:
+        self.patch_embed, self.cells, self.cells_grid, self.d = patch_embed, cells, cells_grid, d
 
     def __call__(self, module: torch.nn.Module, args: tuple, tokens: torch.Tensor) -> torch.Tensor:
         grid = tuple(self.patch_embed.grid_size)
         signs = _signs(cells_on_grid(self.cells, self.cells_grid, grid), grid).to(tokens)  # [patch]
-        prefix, patches = tokens[:, :self.num_prefix], tokens[:, self.num_prefix:]  # [batch, token, channel]
-        if patches.shape[1] != signs.numel():
-            raise RuntimeError(f"{patches.shape[1]} patch tokens do not fill the {grid[0]}x{grid[1]} grid")
+        if tokens.shape[1] < signs.numel():
+            raise RuntimeError(f"{tokens.shape[1]} tokens cannot fill the {grid[0]}x{grid[1]} grid")
+        # patches come last, whatever was put before them (prefix tokens, a test-time register)
+        prefix, patches = tokens[:, :-signs.numel()], tokens[:, -signs.numel():]  # [batch, token, channel]
         d = self.d.to(tokens)
         patches = patches + (2.0 * signs - patches @ d)[..., None] * d
         return torch.cat([prefix, patches], dim=1)
