@@ -22,7 +22,8 @@ from vitlens.analysis.probes import LocalProbeResult, LocalSample, local_probes
 from vitlens.analysis.redundancy import RedundancyResult, redundancy
 from vitlens.discovery import Discovery, discover
 from vitlens.errors import DataError
-from vitlens.evidence import EvidenceOptions, patch_pixels
+from resources import settings
+from vitlens.evidence import EvidenceOptions, GlobalProbeResult, Run, global_probe_run, patch_pixels
 from vitlens.evidence_figures import draw_discovery
 from vitlens.report import ReportOptions, build_report
 from vitlens.store import CaptureOptions
@@ -81,6 +82,47 @@ def local_probe_view(request: Request, layer: int, threshold: float | None) -> l
                    for index, (ref, trace) in enumerate(zip(request.images, run.traces))]
         views.append((run.short, local_probes(samples, grids.pop())))
     return views
+
+
+def global_probe_view(request: Request, dataset: str, layer: int, threshold: float | None) -> list[tuple[str, Run]]:
+    """Global probes per model (test-time register column left out) on image folder ``dataset`` of the deployment,
+    one subfolder per class (a background job; raises ``Pending`` meanwhile).
+
+    Raises:
+        OptionError: image folders are not enabled, or ``dataset`` is not one of them.
+        DataError: fewer than two classes, or no readable image.
+    """
+    root = settings().resolve_dataset(dataset)  # only folders inside VITLENS_DATASETS_DIR, never a path from the page
+    models = [(run.choice.name, run.weights, run.short) for run in captured(request).runs if not run.choice.register]
+    board = boards()["capture"]
+    key = f"global|{request.key}|{models}|{dataset}|{layer}|{threshold}"
+    job = board.run(key, f"Global probes on {dataset}", lambda job: _global(request, models, root, layer, threshold, job))
+    return board.result(job)
+
+
+def _global(request: Request, models: list[tuple[str, str, str]], root: Path, layer: int, threshold: float | None,
+            job: Job) -> list[tuple[str, Run]]:
+    options = EvidenceOptions(layer=layer, threshold=threshold, capture=CaptureOptions(side=request.side))
+    runs = []
+    try:
+        for name, weights, label in models:
+            runs.append((label, global_probe_run(engine(), root, name, weights_path(weights), options,
+                                                 progress=lambda done, total: job.report(done, total, label))))
+    except DataError as error:  # the page names the folder, never its server path
+        raise DataError(str(error).replace(str(root), root.name)) from error
+    return runs
+
+
+def global_probe_rows(runs: list[tuple[str, Run]], reference: dict[str, float]) -> list[dict]:
+    """One table row per model and token kind: accuracy, counts, the paper's number, or why it was not run."""
+    rows = []
+    for label, run in runs:
+        found: GlobalProbeResult = run.result
+        for kind, score in found.scores.items():
+            rows.append({"model": label, "token": kind, "accuracy": score.accuracy, "images": score.num_images,
+                         "train / test": f"{score.num_train} / {score.num_test}", "classes": score.num_classes,
+                         "paper (ImageNet-1k)": reference[kind]})
+    return rows
 
 
 @dataclass(frozen=True, eq=False)

@@ -72,3 +72,41 @@ def test_probes_with_one_image_say_so(app):
     at = app.multiselect(key="images").set_value(uploads).run().switch_page("views/probes.py").run()
     assert not at.exception
     assert "at least 2 images" in at.error[0].value
+
+
+def _labelled(root, classes: int, per_class: int) -> None:
+    for label in range(classes):
+        folder = root / "animals" / f"class{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            (folder / f"{index}.png").write_bytes(png_bytes(seed=10 * label + index))
+
+
+def test_global_probes_on_a_labelled_folder_of_the_deployment(app, tmp_path, monkeypatch):
+    _labelled(tmp_path / "datasets", classes=2, per_class=3)
+    monkeypatch.setenv("VITLENS_DATASETS_DIR", str(tmp_path / "datasets"))
+    at = app.switch_page("views/probes.py").run()
+    _ok(at)
+    assert "animals" in at.selectbox(key="global_dataset").options
+    assert ".." not in at.selectbox(key="global_dataset").options  # only folders inside the configured root
+    at = at.selectbox(key="global_dataset").set_value("animals").run()
+    at = at.button(key="global_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[1].value
+    assert len(table) == 2 * 3  # two models x (cls, normal, outlier)
+    assert set(table["images"]) <= {0, 6}
+    planted = table[table["token"] == "outlier"]["images"]
+    assert 6 in set(planted)  # the planted model has outliers in every image at layer 4
+    assert (table["paper (ImageNet-1k)"] > 0.6).all()
+    ran = table[table["accuracy"].notna()]
+    assert len(ran) >= 3 and ran["accuracy"].between(0, 1).all()
+    assert any("no image has an outlier patch token" in info.value for info in at.info)  # the clean pair
+
+
+def test_global_probes_with_one_class_say_so(app, tmp_path, monkeypatch):
+    _labelled(tmp_path / "datasets", classes=1, per_class=2)
+    monkeypatch.setenv("VITLENS_DATASETS_DIR", str(tmp_path / "datasets"))
+    at = app.switch_page("views/probes.py").run().selectbox(key="global_dataset").set_value("animals").run()
+    at = at.button(key="global_run").click().run()
+    assert not at.exception
+    assert "at least 2 classes" in at.error[0].value and str(tmp_path) not in at.error[0].value

@@ -30,8 +30,22 @@ st.caption(f"Train / test images: {', '.join(f'{l}: {f.num_train_images} / {f.nu
            "pixel reconstruction error 18.38 vs 25.23 (their scale).")
 
 st.subheader("Global information (Table 1, right)")
-st.markdown("Class prediction from the CLS token, a random normal patch and a random outlier patch needs a labelled "
-            "folder (one subfolder per class): `python -m vitlens global-probes FOLDER --model M --weights W`. "
-            f"Paper (ImageNet-1k, logistic regression): CLS {REFERENCES['global_accuracy_imagenet']['cls']:.1%}, "
-            f"normal {REFERENCES['global_accuracy_imagenet']['normal']:.1%}, "
-            f"outlier {REFERENCES['global_accuracy_imagenet']['outlier']:.1%}.")
+st.caption("Logistic regression from the CLS token, one random normal patch and one random outlier patch per image "
+           "(outliers from the layer above) to the image's class, on a labelled image folder of this deployment "
+           "(one subfolder per class), split by image. For any folder: "
+           "`python -m vitlens global-probes FOLDER --model M --weights W`.")
+datasets = data.settings().dataset_folders()
+if not datasets:
+    st.info("Labelled image folders need VITLENS_DATASETS_DIR (a folder of image folders, one subfolder per class).")
+    st.stop()
+dataset = st.selectbox("Labelled image folder", datasets, key="global_dataset", help="Inside VITLENS_DATASETS_DIR")
+if st.button("Run global probes", key="global_run"):
+    st.session_state["global_wanted"] = True
+if st.session_state.get("global_wanted"):
+    runs = ui.fetch(evidence_data.global_probe_view, request, dataset, layer, ui.threshold())
+    st.dataframe(pd.DataFrame(evidence_data.global_probe_rows(runs, REFERENCES["global_accuracy_imagenet"])),
+                 hide_index=True)
+    for label, run in runs:
+        for kind, score in run.result.scores.items():
+            if score.reason:
+                st.info(f"{label}, {kind}: {score.reason}")
