@@ -19,7 +19,8 @@ from jobs import Job, boards
 from resources import engine
 from uploads import display_uri, image, image_name
 from vitlens.analysis.probes import LocalProbeResult, LocalSample, local_probes
-from vitlens.analysis.redundancy import RedundancyResult, redundancy
+from vitlens.analysis.population import read_results
+from vitlens.analysis.redundancy import RedundancyResult, redundancy, results_redundancy
 from vitlens.discovery import Discovery, discover
 from vitlens.errors import DataError
 from resources import settings
@@ -57,6 +58,17 @@ def redundancy_view(request: Request, ref: str, layer: int, threshold: float | N
         rows.append([run.name, run.weights, layer, *found.summary().values()])
     columns = ["model", "weights", "layer", "num_images", "num_outlier", "num_normal", "outlier_mean", "normal_mean", "auroc"]
     return RedundancyView(overlays, results, Table(columns, rows))
+
+
+def results_redundancy_view(name: str, layer: int) -> list[tuple[str, RedundancyResult]]:
+    """Outlier (at ``layer``) vs normal cells per (model, weights) of results folder ``name`` of the deployment.
+
+    Raises:
+        OptionError: results are not enabled, or ``name`` is not a plain folder name.
+        ResultsError: not sweep results, no row at ``layer``, or swept before neighbour similarity was recorded.
+    """
+    frame = read_results(settings().resolve_results(name), ("outlier_cells", "neighbor_similarity"))
+    return [(f"{model} ({Path(weights).name})", found) for (model, weights), found in results_redundancy(frame, layer).items()]
 
 
 def local_probe_view(request: Request, layer: int, threshold: float | None) -> list[tuple[str, LocalProbeResult]]:

@@ -15,8 +15,11 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 
+from vitlens.analysis.population import read_results
+from vitlens.analysis.redundancy import results_redundancy
 from vitlens.cli import main
 from vitlens.capture import capture
+from vitlens.errors import ResultsError
 from vitlens.images import read_image_file, resize_for_model, to_tensor
 from vitlens.models import load_model
 from vitlens.store import CaptureOptions, TraceStore, trace_key
@@ -75,6 +78,16 @@ def test_checkpoint_series_finds_the_emergence_step_and_block(tmp_path):
     assert set(rows.image) == {"a/img01.png", "b/img00.png", "b/img02.png"}
     assert rows.weights.str.endswith("teacher_checkpoint.pth").all() and rows.fingerprint.str.startswith("file:").all()
 
+    found = results_redundancy(read_results(tmp_path / "out", ("outlier_cells", "neighbor_similarity")), PLANTED_LAYER)
+    for (_, weights), result in found.items():
+        step = checkpoint_step(weights)
+        assert result.num_images == 3 and result.outlier.size == (3 * len(PLANTED_CELLS) if step >= EMERGES_AT else 0)
+        assert (result.auroc is not None) == (step >= EMERGES_AT) and result.outlier.size + result.normal.size == 3 * 64
+    with pytest.raises(ResultsError, match="no layer 99"):
+        results_redundancy(rows, 99)
+    with pytest.raises(ResultsError, match="no neighbour similarity"):
+        results_redundancy(rows.assign(neighbor_similarity=None), PLANTED_LAYER)  # a folder swept before the column
+
 
 def test_rows_follow_the_schema(tmp_path):
     images = _images(tmp_path / "images", 2)
@@ -88,6 +101,9 @@ def test_rows_follow_the_schema(tmp_path):
     assert all(np.sum(hist) == 16 for hist in rows.norm_hist)
     assert rows.threshold.isna().all() and (rows.num_outliers == 0).all()
     assert (rows.norm_max >= rows.norm_median).all()
+    first = rows[rows.layer == 0]
+    assert all(len(values) == 16 and np.all(np.abs(values) <= 1) for values in first.neighbor_similarity)
+    assert rows[rows.layer > 0].neighbor_similarity.isna().all()
 
 
 def test_norm_histogram_clips_into_the_end_bins():

@@ -52,6 +52,7 @@ SCHEMA = pa.schema([
     ("antialias", pa.bool_()), ("num_registers", pa.int64()), ("fingerprint", pa.string()),
     ("outlier_cells", pa.list_(pa.int32())), ("norm_hist", pa.list_(pa.int32())),
     ("cls_norm", pa.float64()), ("register_norm", pa.float64()),
+    ("neighbor_similarity", pa.list_(pa.float32())),  # per image, on layer 0's row only (null on the others)
 ])
 
 Progress = Callable[[int, int], None]  # (image x weights pairs done, in total)
@@ -572,6 +573,8 @@ def trace_table(task: Task, item: ImageItem, trace: Trace, fingerprint: str, con
         "cls_norm": trace.norms[:, layout.cls_index].astype(np.float64) if layout.cls_index is not None else np.full(num_layers, math.nan),
         "register_norm": (trace.norms[:, layout.registers].mean(axis=1).astype(np.float64) if layout.num_registers
                           else np.full(num_layers, math.nan)),
+        "neighbor_similarity": pa.array([trace.neighbor_similarity.ravel().astype(np.float32)] + [None] * (num_layers - 1),
+                                        pa.list_(pa.float32())),  # of the patch embeddings: the same at every layer
     }
     return pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
 

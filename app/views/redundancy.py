@@ -36,3 +36,14 @@ st.caption("AUROC: the chance that a random outlier cell is more similar to its 
            "(0.5: no relation). Paper reference: the outlier distribution lies clearly to the right (Fig. 5a). "
            "For many images use `python -m vitlens redundancy FOLDER --model M --weights W`.")
 ui.download_table(view.table, f"redundancy_layer{layer}.csv")
+
+folders = data.settings().results_folders()
+if folders:
+    st.subheader("Over a results folder")
+    name = st.selectbox("Results folder (a sweep)", ["(none)", *folders], key="redundancy_results",
+                        help="Inside VITLENS_RESULTS_DIR; outliers from the layer above")
+    if name != "(none)":
+        for index, (label, found) in enumerate(ui.fetch(evidence_data.results_redundancy_view, name, layer)):
+            auroc = "n/a (no outliers at this layer)" if found.auroc is None else f"{found.auroc:.3f}"
+            ui.chart(redundancy_figure(found, title=f"{label}, {found.num_images} images: AUROC {auroc}"),
+                     key=f"redundancy-results-{index}")

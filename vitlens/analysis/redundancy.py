@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import roc_auc_score
+
+from ..errors import ResultsError
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,3 +71,34 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
         return None
     labels = np.concatenate([np.ones(positive.size), np.zeros(negative.size)])
     return float(roc_auc_score(labels, np.concatenate([positive, negative])))
+
+
+def results_redundancy(frame: pd.DataFrame, layer: int) -> dict[tuple[str, str], RedundancyResult]:
+    """Outlier vs normal neighbour similarity per (model, weights) of a sweep results folder.
+
+    Args:
+        frame: Rows of ``read_results(folder, ("outlier_cells", "neighbor_similarity"))``: the similarity map on
+            each image's layer-0 row, the outlier cells on every row.
+        layer: Block whose outlier cells split the cells (0-based).
+
+    Raises:
+        ResultsError: no row at ``layer``, or no stored similarity (the folder was swept before it was recorded).
+    """
+    found = {}
+    for (model, weights), rows in frame.groupby(["model", "weights"], sort=False):
+        similarity = rows[rows.layer == 0].set_index("image").neighbor_similarity.dropna()
+        at_layer = rows[rows.layer == layer]
+        if at_layer.empty:
+            raise ResultsError(f"{model} has no layer {layer} in these results (it has {rows.num_layers.max()}).")
+        if similarity.empty:
+            raise ResultsError("These results hold no neighbour similarity (swept before it was recorded); "
+                               "sweep the images into a new results folder.")
+        similarities, masks = [], []
+        for row in at_layer[at_layer.image.isin(similarity.index)].itertuples():
+            grid = np.asarray(similarity[row.image], np.float32).reshape(row.grid_rows, row.grid_cols)  # [row, col]
+            mask = np.zeros(grid.size, bool)
+            mask[np.asarray(row.outlier_cells, np.int64)] = True
+            similarities.append(grid)
+            masks.append(mask.reshape(grid.shape))
+        found[(model, weights)] = redundancy(similarities, masks)
+    return found
