@@ -25,6 +25,8 @@ def results_rows(model: str, weights: str, step: int | None, images: Sequence[st
     patches = grid[0] * grid[1]
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
     for image in images:
+        similarity = rng.uniform(0, 0.5, patches).astype(np.float32)  # neighbour similarity: 1 at the last layer's outliers
+        similarity[sorted(set(int(c) for c in cells(step, image, num_layers - 1)))] = 1.0
         for layer in range(num_layers):
             found = sorted(set(int(c) for c in cells(step, image, layer)))
             norms = 10 + rng.uniform(-1, 1, patches)
@@ -34,7 +36,8 @@ def results_rows(model: str, weights: str, step: int | None, images: Sequence[st
                           norm_median=float(np.median(norms)), norm_max=float(norms.max()), num_layers=num_layers,
                           grid_rows=grid[0], grid_cols=grid[1], size=grid[1] * 14, antialias=True,
                           num_registers=num_registers, fingerprint="f" * 16, outlier_cells=found, norm_hist=norm_histograms(norms[None])[0].tolist(),
-                          cls_norm=30.0, register_norm=40.0 if num_registers else math.nan)
+                          cls_norm=30.0, register_norm=40.0 if num_registers else math.nan,
+                          neighbor_similarity=similarity.tolist() if layer == 0 else None)
             for name, value in values.items():
                 columns[name].append(value)
     return pa.table(columns, schema=SCHEMA)

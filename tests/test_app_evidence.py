@@ -7,6 +7,7 @@ from streamlit.testing.v1 import AppTest
 
 from app_fixtures import APP, TINY, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models
 from conftest import PLANTED_CELLS, PLANTED_LAYER
+from population_fixtures import TRAIN_EMERGES, TRAIN_STEPS, training_results
 from vitlens.models import load_model
 
 TIMEOUT = 180
@@ -110,3 +111,17 @@ def test_global_probes_with_one_class_say_so(app, tmp_path, monkeypatch):
     at = at.button(key="global_run").click().run()
     assert not at.exception
     assert "at least 2 classes" in at.error[0].value and str(tmp_path) not in at.error[0].value
+
+
+def test_redundancy_over_a_results_folder(app, tmp_path, monkeypatch):
+    training_results(tmp_path / "results" / "run")  # similarity 1 at the outliers, from step TRAIN_EMERGES on
+    monkeypatch.setenv("VITLENS_RESULTS_DIR", str(tmp_path / "results"))
+    at = app.switch_page("views/redundancy.py").run()
+    _ok(at)
+    assert at.selectbox(key="redundancy_results").options == ["(none)", "run"]
+    at = at.selectbox(key="redundancy_results").set_value("run").run()
+    _ok(at)
+    titles = [f["layout"]["title"]["text"] for f in _figures(at)[6:]]  # after the sidebar images' 2 x 2 maps and 2 distributions
+    assert len(titles) == len(TRAIN_STEPS) and all("3 images" in t for t in titles)
+    emerged = sum(step >= TRAIN_EMERGES for step in TRAIN_STEPS)
+    assert sum("AUROC 1.000" in t for t in titles) == emerged and sum("n/a" in t for t in titles) == len(TRAIN_STEPS) - emerged
