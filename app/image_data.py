@@ -19,7 +19,7 @@ from choices import weights_label
 from figures import EmergenceCurve, NormHistogram, Overlay, Table
 from jobs import Job, boards, watch
 from uploads import display_uri, image_name
-from vitlens.analysis.attention import (AttentionMaps, ClsOutlierAttention, attention_maps, cls_outlier_attention,
+from vitlens.analysis.attention import (ClsOutlierAttention, attention_maps, cls_outlier_attention,
                                         input_outlier_mask, pool_attention_map)
 from vitlens.analysis.embedding import TokenEmbedding, token_embedding
 from vitlens.analysis.outliers import OutlierResult, find_outliers

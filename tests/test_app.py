@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from .analysis.outliers import find_outliers
-from .analysis.probes import GlobalScore, LocalProbeResult, LocalSample, global_probe, local_probes, pick_tokens
-from .analysis.redundancy import RedundancyResult, redundancy
+from .analysis.probes import GlobalScore, LocalSample, global_probe, local_probes, pick_tokens
+from .analysis.redundancy import redundancy
 from .capture import Trace
 from .engine import Engine
 from .errors import DataError, ImageError, OptionError
