@@ -59,18 +59,13 @@ class Failed:
 
 
 def find_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursively), sorted; ``root`` itself when it is a file.
+    """The files of a folder (recursive) or glob, as the sweep finds them (``vitlens.sweep.find_images``).
 
     Raises:
-        DataError: nothing that looks like an image.
+        ImageError: nothing found.
     """
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
-    if not paths:
-        raise DataError(f"No image files found in '{root}'.")
-    return paths
+    from .sweep import find_images as sweep_images  # pyarrow: imported only when needed
+    return [Path(item.path) for item in sweep_images(root)]
 
 
 def image_classes(root: Path) -> list[tuple[Path, str]]:
