@@ -150,7 +150,7 @@ def test_calibration_runs_and_prints_its_table(capsys):
     assert cell.found == 1.0 and cell.recovered == 1.0 and cell.bulk_flagged == 0.0 and cell.passed
     assert calibrate.main(["--draws", "5", "--families", "normal", "uniform_bulk", "--grids", "16x16"]) == 0
     out = capsys.readouterr().out
-    assert "| normal | 16x16 | 5 | 0.0% |" in out and "| uniform_bulk | 16x16 | 5 | 100.0% | 100.0% | 0.0% | yes |" in out
+    assert "| normal | 16x16 | 5 | 0.0% |" in out and "| uniform_bulk | 16x16 | 5 | 100.0% | 100.0% | 0.0% | 0.000% | yes |" in out
 
 
 def test_a_detector_that_flags_everything_fails_the_calibration():

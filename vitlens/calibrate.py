@@ -2,8 +2,9 @@
 
 ``python -m vitlens.calibrate [--draws N] [--seed S] [--grids 16x16 37x37 ...] [--families ...]``
 prints one Markdown row per (family, grid): the share of draws where a true outlier was flagged
-(for families without outliers: any token), the share of true outliers recovered, and the share
-of draws where a bulk token was flagged; it exits 1 when a row misses the issue's target.
+(for families without outliers: any token), the share of true outliers recovered, the share
+of draws where a bulk token was flagged and the share of bulk tokens flagged (the per-token
+false-positive rate); it exits 1 when a row misses the issue's target.
 Every draw samples the family's parameters in its stated ranges (nothing is hand-picked).
 ``--detector FILE.py:FUNCTION`` measures another threshold function (norms -> float or None),
 e.g. an older version of ``auto_threshold``. The table is in docs/outliers.md.
@@ -158,6 +159,7 @@ class Cell:
     found: float  # draws with any true outlier flagged (positives) or any token flagged (negatives)
     recovered: float  # true outliers flagged / true outliers (positives)
     bulk_flagged: float  # draws with any bulk token flagged
+    bulk_token_rate: float  # bulk tokens flagged / bulk tokens (the per-token false-positive rate)
     seconds_per_draw: float
 
     @property
@@ -171,7 +173,7 @@ def run_cell(family: Family, grid: tuple[int, int], draws: int, seed: int,
              detector: Callable[[np.ndarray], float | None] = auto_threshold) -> Cell:
     """``draws`` draws of ``family`` at ``grid`` through ``detector``."""
     rng = np.random.default_rng([seed, FAMILIES.index(family) if family in FAMILIES else 99, *grid])
-    found = recovered = truth = bulk_flagged = 0
+    found = recovered = truth = bulk_flagged = bulk_hits = bulk_tokens = 0
     seconds = 0.0
     for _ in range(draws):
         norms, labels = family.sample(rng, grid[0] * grid[1])
@@ -182,19 +184,23 @@ def run_cell(family: Family, grid: tuple[int, int], draws: int, seed: int,
         hits = int((flagged & (labels == OUTLIER)).sum())
         found += hits > 0 if family.positive else flagged.any()
         recovered, truth = recovered + hits, truth + int((labels == OUTLIER).sum())
-        bulk_flagged += bool((flagged & (labels == BULK)).any())
+        false_hits = int((flagged & (labels == BULK)).sum())
+        bulk_flagged += false_hits > 0
+        bulk_hits, bulk_tokens = bulk_hits + false_hits, bulk_tokens + int((labels == BULK).sum())
     return Cell(family, grid, draws, found / draws, recovered / truth if truth else float("nan"),
-                bulk_flagged / draws, seconds / draws)
+                bulk_flagged / draws, bulk_hits / bulk_tokens, seconds / draws)
 
 
 def table(cells: list[Cell]) -> str:
     """The Markdown table of ``cells``."""
-    lines = ["| family | grid | draws | found in | outliers recovered | draws with a bulk token flagged | target met |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| family | grid | draws | found in | outliers recovered | draws with a bulk token flagged "
+             "| bulk tokens flagged | target met |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for cell in cells:
         recovered = f"{cell.recovered:.1%}" if cell.family.positive else "-"
         lines.append(f"| {cell.family.name} | {cell.grid[0]}x{cell.grid[1]} | {cell.draws} | {cell.found:.1%} | "
-                     f"{recovered} | {cell.bulk_flagged:.1%} | {'yes' if cell.passed else 'NO'} |")
+                     f"{recovered} | {cell.bulk_flagged:.1%} | {cell.bulk_token_rate:.3%} | "
+                     f"{'yes' if cell.passed else 'NO'} |")
     return "\n".join(lines)
 
 
