@@ -31,4 +31,7 @@ ui.keep_page_state()
 request = ui.sidebar()
 st.session_state["request"] = request
 ui.sync_url(request)
-page.run()
+try:
+    page.run()
+finally:  # also after st.stop: what the page settled (its layer, the focused image) goes into the link
+    ui.sync_url(request, last=True)

@@ -30,7 +30,6 @@ def results_sidebar() -> str:
                 state["results_folder"] = folders[0]
             st.selectbox("Results folder", folders, key="results_folder",
                          help="A folder `python -m vitlens sweep … --out` wrote, inside VITLENS_RESULTS_DIR.")
-            st.query_params["results"] = state["results_folder"]
         _sweep_form()
     if data.settings().results_dir is None:
         st.info("Sweep results are not enabled here: set VITLENS_RESULTS_DIR to the folder that holds the folders "

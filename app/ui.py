@@ -13,10 +13,12 @@ from typing import Callable, TypeVar
 
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import auth
 import data
 import figures
+import links
 from data import ImageError, OptionError, VitlensError, WeightsError
 from vitlens.interventions import TestTimeRegister
 
@@ -28,7 +30,7 @@ WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "synthetic": "synthe
                 "random": "random weights", "file": "local weights file", "upload": "upload a weights file",
                 "sweep": "checkpoint of a sweep (Training page)"}
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
-PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "embed_method",
+PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "per_image_threshold", "embed_method",
              "embed_model", "emergence_scope", "figure_format", "shared_scale", "norm_scale_shared",
              "register_init", "register_patches", "test_time_register", "neuron_detector", "neuron_max_layer",
              "neuron_top", "neuron_sparse", "sink_layers", "results_folder", "compare_folder", "training_model",
@@ -49,27 +51,43 @@ def _param(name: str) -> str | None:
     return value if value else None
 
 
-def _int(text: str | None) -> int | None:
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
-
-
 def init_state() -> None:
-    """Fill the shared state once per session: from the URL where it says, else the defaults."""
+    """Fill the shared state from the URL (else the defaults): once per session, and again when the browser's
+    Back or Forward brings an earlier link back (the view follows the history)."""
     state = st.session_state
-    if state.get("_initialised"):
+    if state.get("_initialised") and not _history_navigation():
         return
+    state["_first_run"] = not state.get("_initialised")
     state["_initialised"] = True
+    state["_opened_link"] = st.query_params.to_dict()
     state["url_problems"] = []
+    if not state["_first_run"]:  # an earlier link: what it leaves out is back to the defaults
+        for key in links.keys():
+            state.pop(key, None)
+    _read_sidebar_link()
+    values, bad = links.read(st.query_params)
+    state.update(values)
+    if bad:
+        state["url_problems"].append(f"The link's {_some(bad)} {'was' if len(bad) == 1 else 'were'} not understood; "
+                                     "using the defaults.")
+
+
+def _history_navigation() -> bool:
+    """Whether this run comes from the browser's Back or Forward button."""
+    ctx = get_script_run_ctx()
+    return bool(ctx is not None and ctx.is_history_navigation)
+
+
+def _read_sidebar_link() -> None:
+    """The sidebar's entries of the link, each checked against what this server offers."""
+    state = st.session_state
     model = _param("model") or DEFAULT_MODEL
     preset_names = [spec.name for spec in data.presets()]
     if model in preset_names:
         state["model"], state["custom_model"] = model, ""
     else:
         state["model"], state["custom_model"] = (preset_names[0] if preset_names else ""), model
-    state["compare"] = _param("compare") != "0"
+    state["compare"], state["side"] = True, DEFAULT_SIDE
     weights = _param("weights") or "hub"
     mode = weights.split(":", 1)[0] if ":" in weights else weights
     state["weights_mode"] = mode if mode in WEIGHT_MODES else "hub"
@@ -82,19 +100,14 @@ def init_state() -> None:
         state["weights_upload_choice"] = weights
     if mode == "sweep":
         state["sweep_weights_choice"] = weights
-    if _param("results"):
-        state["results_folder"] = _param("results")
     if _param("pair_weights"):
         state["pair_weights"] = _param("pair_weights")
-    state["side"] = _int(_param("side")) or DEFAULT_SIDE
     refs = list(dict.fromkeys(ref for ref in (_param("images") or ",".join(DEFAULT_IMAGES)).split(",") if ref))  # each once
     missing = [ref for ref in refs if not data.has_image(ref)]
     if missing:
         state["url_problems"].append(f"Images {_some(missing)} from the link are not on this server (uploads are kept "
                                      "in memory only); upload them again.")
     state["images"] = _capped([ref for ref in refs if data.has_image(ref)], "The link")
-    if (layer := _int(_param("layer"))) is not None:
-        state["layer"] = layer
     try:
         value = data.parse_threshold(_param("threshold"))
     except OptionError as error:
@@ -127,21 +140,30 @@ def keep_page_state() -> None:
             st.session_state[key] = st.session_state[key]
 
 
-def sync_url(request: data.Request | None) -> None:
-    """Mirror the shared state in the query string."""
+def sync_url(request: data.Request | None, last: bool = False) -> None:
+    """Mirror the view in the query string (``last``: the run's final call, after the page).
+
+    Each write adds a browser history entry, so a session's first run leaves the link it was opened
+    with as it is (defaults need not be spelled out) unless the link had to be corrected.
+    """
     state = st.session_state
-    params = {"model": model_name(), "compare": "1" if state.get("compare", True) else "0",
-              "weights": primary_weights(), "side": str(state.get("side", DEFAULT_SIDE)),
-              "images": ",".join(state.get("images", [])),
+    params = url_params(request)
+    if state.get("_first_run"):
+        state["_first_run"] = not last
+        if not state.get("url_problems") and not links.corrected(state.get("_opened_link", {}), params):
+            return
+    if st.query_params.to_dict() != params:
+        st.query_params.from_dict(params)
+
+
+def url_params(request: data.Request | None) -> dict[str, str]:
+    """The query string of the current view."""
+    state = st.session_state
+    params = {"model": model_name(), "weights": primary_weights(), "images": ",".join(state.get("images", [])),
               "threshold": "auto" if state.get("threshold_auto", True) else f"{state.get('threshold_value'):g}"}
-    if state.get("layer") is not None:
-        params["layer"] = str(state["layer"])
     if request is not None and len(request.models) > 1:
         params["pair_weights"] = request.models[1].weights
-    if state.get("results_folder"):
-        params["results"] = state["results_folder"]
-    if {k: st.query_params.get(k) for k in params} != params or set(st.query_params) - set(params):
-        st.query_params.from_dict(params)
+    return params | links.write(state)
 
 
 def model_name() -> str:
@@ -507,9 +529,7 @@ def layer_slider(num_layers: int, label: str = "Layer (block index, 0-based)") -
     if num_layers == 1:
         st.caption("Layer 0 (the model has one block)")
         return 0
-    layer = st.slider(label, 0, num_layers - 1, key="layer")
-    st.query_params["layer"] = str(layer)
-    return layer
+    return st.slider(label, 0, num_layers - 1, key="layer")
 
 
 def image_picker(request: data.Request, label: str = "Image") -> str:
