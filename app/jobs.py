@@ -7,8 +7,10 @@ before asking again.
 
 A job lives only while someone waits for it: every page that shows its progress, and the
 sidebar panel of a session that started it, touch it; a job nobody touched for ``ABANDON_S``
-seconds (its tabs were closed) stops at its next progress report. The worker threads are
-daemon threads, so SIGTERM stops the server at once instead of after the running capture.
+seconds (its tabs were closed) stops at its next progress report. In hosted mode a capture
+thread only polls the worker's queue, and that report is what cancels the queue job too (see
+``vitlens.client``): a cancel, or a capture nobody waits for, stops on the worker. The worker
+threads are daemon threads, so SIGTERM stops the server at once instead of after the running capture.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from typing import Callable
 import streamlit as st
 
 from vitlens.errors import VitlensError
+from vitlens.settings import Settings
 
 ABANDON_S = 20.0  # seconds without anyone waiting after which a job stops
 SESSION_JOBS = "my_jobs"  # session-state key: the keys of the jobs this session asked for
+HOSTED_CAPTURE_THREADS = 4  # hosted mode: capture threads only wait on the queue (the worker batches their jobs)
 
 
 class Pending(Exception):
@@ -183,8 +187,10 @@ def _stopped_unwatched(job: Job) -> bool:
 
 @st.cache_resource(show_spinner=False)
 def boards() -> dict[str, JobBoard]:
-    """One thread for captures (the model is the bottleneck), one for analyses such as UMAP, one for sweeps."""
-    return {"capture": JobBoard(workers=1, keep=8), "analysis": JobBoard(workers=1, keep=16),  # older results: the disk store
+    """One thread for captures (the model is the bottleneck; hosted: a few, which only wait on the
+    worker), one for analyses such as UMAP, one for sweeps."""
+    captures = HOSTED_CAPTURE_THREADS if Settings.from_env().mode == "hosted" else 1
+    return {"capture": JobBoard(workers=captures, keep=8), "analysis": JobBoard(workers=1, keep=16),  # older results: the disk store
             "sweep": JobBoard(workers=1, keep=8)}
 
 

@@ -46,6 +46,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VITLENS_DEVICE": settings.device,
         "VITLENS_POLL_INTERVAL": str(settings.poll_interval),
         "VITLENS_WORKER_LEASE": str(settings.worker_lease),
+        "VITLENS_JOB_LEASE": str(settings.job_lease),
         "VITLENS_WORKER_BATCH": str(settings.worker_batch),
         "VITLENS_JOB_ATTEMPTS": str(settings.job_attempts),
         "VITLENS_MODE": "hosted",

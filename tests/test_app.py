@@ -614,3 +614,33 @@ def test_an_error_rerun_keeps_the_sidebar_url_and_page_in_agreement(stale_widget
     at.slider(key="layer").set_value(3).run()  # the next move keeps both models at 224 px
     _ok(at)
     assert len(_figures(at)) == 2 and at.number_input(key="side").value == 224
+
+
+def test_hosted_cancel_button_cancels_the_job_on_the_worker_queue(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(APP))
+    import captures
+    import jobs
+    from job_fixtures import MODEL, OPTIONS, image, wait_for
+    from vitlens.client import get_client
+    from vitlens.jobs import CANCELLED
+
+    monkeypatch.setenv("VITLENS_MODE", "hosted")
+    monkeypatch.setenv("VITLENS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("VITLENS_WORKER_WAIT", "60")
+    queue = get_client(captures.settings()).queue
+    queue.register("w1")  # a worker that takes the job and is busy with it
+
+    def capture(job):
+        return captures.compute_traces([image(1)], MODEL, "random", OPTIONS, lambda done, total: job.report(done, total, "x"))
+
+    job = jobs.JobBoard().run("k", "Capturing 1 image x 1 model", capture)
+    claimed = []
+    wait_for(lambda: claimed.extend(queue.claim("w1", max_images=8)) or claimed, timeout=30)
+    job.cancel()  # the page's Cancel button
+    with pytest.raises(jobs.Cancelled):
+        job.future.result(timeout=30)
+    status = queue.status(claimed[0].job_id)
+    assert (status.state, status.message) == (CANCELLED, "Cancelled: Capturing 1 image x 1 model.")
+    assert queue.wanted([status.job_id], "w1") == set()  # so the worker stops after its current batch

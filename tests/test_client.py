@@ -14,7 +14,8 @@ from job_fixtures import MODEL, OPTIONS, image, job_settings
 from vitlens.client import Client, get_client
 from vitlens.engine import Engine
 from vitlens.errors import OptionError, UnknownModelError, WeightsError
-from vitlens.jobs import DONE, QUEUED, RUNNING, JobError, JobQueue, JobSpec, JobTimeoutError, NoWorkerError
+from vitlens.jobs import (CANCELLED, DONE, QUEUED, RUNNING, JobCancelledError, JobError, JobQueue, JobSpec, JobTimeoutError,
+                          NoWorkerError)
 from vitlens.store import CaptureOptions
 from vitlens.worker import Worker
 
@@ -166,3 +167,35 @@ def test_a_job_lost_to_a_rebuilt_queue_is_submitted_again(tmp_path: Path, monkey
     results = client.compute_traces([image(3)], MODEL, "random", OPTIONS)
     assert lost and len(results) == 1
     client.close()
+
+
+def test_a_waiting_client_keeps_its_job_alive_past_the_lease(tmp_path: Path) -> None:
+    client = Client(job_settings(tmp_path, mode="hosted", job_lease=0.5, worker_wait=30.0))
+    with pytest.raises(JobTimeoutError):  # no worker: the job stays queued while the client polls for 1.5 s
+        client.compute_traces([image(1)], MODEL, "random", OPTIONS, timeout=1.5)
+    [claimed] = client.queue.claim("w1", max_images=8)  # still wanted: touched until just now
+    assert claimed.total == 1
+
+
+def test_a_raising_progress_callback_cancels_the_job(tmp_path: Path) -> None:
+    client = Client(job_settings(tmp_path, mode="hosted", worker_wait=30.0))
+    seen = []
+
+    def stop_waiting(status) -> None:
+        seen.append(status)
+        raise KeyError("the cancel button")
+
+    with pytest.raises(KeyError):
+        client.compute_traces([image(1)], MODEL, "random", OPTIONS, progress=stop_waiting)
+    status = client.queue.status(seen[0].job_id)
+    assert (seen[0].state, status.state, status.message) == (QUEUED, CANCELLED, "'the cancel button'.")
+    assert client.queue.claim("w1", max_images=8) == []
+
+
+def test_a_job_cancelled_elsewhere_raises_its_reason(tmp_path: Path) -> None:
+    client = Client(job_settings(tmp_path, mode="hosted", worker_wait=30.0))
+    spec = client.submit([image(1)], MODEL, "random", OPTIONS, watched=True)
+    assert client.cancel(spec.job_id, "Cancelled by another tab")
+    with pytest.raises(JobCancelledError, match="^Cancelled by another tab.$"):
+        client.wait(spec.job_id)
+    assert not client.cancel(spec.job_id)

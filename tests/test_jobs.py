@@ -11,7 +11,7 @@ import pytest
 
 from job_fixtures import image, job_settings
 from vitlens.errors import StorageError, UnknownModelError, WeightsError
-from vitlens.jobs import DONE, FAILED, QUEUED, RUNNING, JobQueue, JobSpec, MalformedJobError
+from vitlens.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobQueue, JobSpec, MalformedJobError
 from vitlens.store import CaptureOptions
 
 
@@ -247,3 +247,65 @@ def test_storage_errors_are_one_sentence_storage_errors(queue: JobQueue, monkeyp
         queue.status("x")
     assert not isinstance(refused.value, sqlite3.Error)
     assert str(queue.directory) not in str(refused.value) and str(refused.value).endswith(".")
+
+
+def test_a_watched_job_nobody_touches_is_cancelled_instead_of_claimed(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path / "jobs", watch_lease=0.3)
+    kept, left, unwatched = _spec(queue, 1), _spec(queue, 2), _spec(queue, 3)
+    queue.submit(kept, watched=True)
+    queue.submit(left, watched=True)
+    queue.submit(unwatched)
+    for _ in range(4):  # only ``kept`` has a client still polling it
+        time.sleep(0.1)
+        assert queue.touch(kept.job_id)
+    claimed = queue.claim("w1", max_images=8)
+    assert sorted(job.job_id for job in claimed) == sorted([kept.job_id, unwatched.job_id])
+    status = queue.status(left.job_id)
+    assert status.state == CANCELLED and status.finished
+    assert status.message.startswith("Cancelled: nobody was waiting for it any more")
+    assert not queue.touch(left.job_id)
+    assert queue.submit(left, watched=True).state == QUEUED  # asked for again: queued afresh
+
+
+def test_wanted_drops_cancelled_and_abandoned_running_jobs(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path / "jobs", watch_lease=0.3)
+    specs = [_spec(queue, seed) for seed in (1, 2, 3)]
+    for spec in specs:
+        queue.submit(spec, watched=True)
+    ids = [job.job_id for job in queue.claim("w1", max_images=8)]
+    assert queue.wanted(ids, "w1") == set(ids)
+    assert queue.cancel(specs[0].job_id, "Cancelled by its user")
+    time.sleep(0.2)
+    queue.touch(specs[1].job_id)
+    time.sleep(0.2)  # specs[2] untouched for 0.4 s, specs[1] for 0.2 s
+    assert queue.wanted(ids, "w1") == {specs[1].job_id}
+    assert [queue.status(spec.job_id).state for spec in specs] == [CANCELLED, RUNNING, CANCELLED]
+    assert queue.status(specs[0].job_id).message == "Cancelled by its user."
+    assert not queue.progress(specs[0].job_id, "w1", 1)  # the worker's late updates are dropped
+    assert not queue.complete(specs[0].job_id, "w1", ["k"], [False])
+    assert not queue.cancel(specs[0].job_id, "again")  # already finished
+    assert queue.counts()[CANCELLED] == 2
+
+
+def test_joining_an_unwatched_job_keeps_it_running_without_watchers(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path / "jobs", watch_lease=0.2)
+    spec = _spec(queue, 1)
+    queue.submit(spec)  # e.g. a batch submitter that does not poll
+    queue.submit(spec, watched=True)
+    time.sleep(0.3)
+    assert [job.job_id for job in queue.claim("w1", max_images=8)] == [spec.job_id]
+
+
+def test_a_queue_made_before_watching_gains_the_column(tmp_path: Path) -> None:
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    with sqlite3.connect(folder / "jobs.sqlite") as conn:  # the table as it was, with one queued job
+        conn.executescript("CREATE TABLE jobs (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, spec TEXT NOT NULL, grp TEXT, "
+                           "state TEXT NOT NULL, total INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 0, "
+                           "attempts INTEGER NOT NULL DEFAULT 0, worker TEXT, message TEXT, error TEXT, result TEXT, "
+                           "submitted REAL NOT NULL, started REAL, finished REAL);"
+                           "INSERT INTO jobs (id, seq, spec, state, total, submitted) VALUES ('old', 1, '{}', 'queued', 1, 0);")
+    queue = JobQueue(folder, watch_lease=0.1)
+    assert queue.status("old").state == QUEUED  # kept, and unwatched
+    time.sleep(0.2)
+    assert [job.job_id for job in queue.claim("w1", max_images=8)] == ["old"]

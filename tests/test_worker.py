@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 import vitlens.engine
 from job_fixtures import MODEL, OPTIONS, image, job_settings, start_worker, wait_for
 from vitlens.engine import Engine
-from vitlens.jobs import DONE, FAILED, QUEUED, RUNNING, JobSpec
+from vitlens.client import Client
+from vitlens.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobSpec
 from vitlens.store import CaptureOptions
 from vitlens.worker import Worker
 
@@ -217,3 +219,48 @@ def test_sigterm_finishes_the_running_batch_then_exits(tmp_path: Path) -> None:
     assert process.wait(30) == 0
     assert worker.queue.status(running).state == DONE
     assert worker.queue.status(waiting).state == QUEUED  # not started, left for the next worker
+
+
+class _UserCancelled(Exception):
+    """Stands in for the app's cancel button (its progress callback raises)."""
+
+
+@pytest.mark.slow
+def test_jobs_whose_clients_left_or_cancelled_stop_on_the_worker_which_takes_the_next(tmp_path: Path) -> None:
+    settings = job_settings(tmp_path, worker_batch=1, job_lease=1.0, mode="hosted")
+    client = Client(settings)
+    queue = client.queue
+    log = tmp_path / "worker.log"
+    process = start_worker(settings, 0.2, log=log)  # 0.2 s per image: 60 images take 12 s or more
+    try:
+        left = client.submit([image(seed) for seed in range(60)], MODEL, "random", OPTIONS, watched=True).job_id
+        wait_for(lambda: queue.touch(left) and queue.status(left).done >= 2, timeout=120)  # the client polls...
+        gone = time.monotonic()  # ...and is gone: no touch from now on
+        wait_for(lambda: queue.status(left).state == CANCELLED, timeout=30)
+        assert time.monotonic() - gone < settings.job_lease + 3.0
+        stopped = queue.status(left)
+        assert stopped.done < stopped.total and stopped.message.startswith("Cancelled: nobody was waiting")
+
+        seen = []
+
+        def cancel_button(status) -> None:
+            seen.append(status.job_id)
+            if status.done >= 1:
+                raise _UserCancelled("Cancelled by its user.")
+
+        start = time.monotonic()
+        with pytest.raises(_UserCancelled):
+            client.compute_traces([image(seed) for seed in range(100, 160)], MODEL, "random", OPTIONS, progress=cancel_button)
+        cancelled = queue.status(seen[-1])
+        assert (cancelled.state, cancelled.message) == (CANCELLED, "Cancelled by its user.")
+        [result] = client.compute_traces([image(999)], MODEL, "random", OPTIONS)  # the worker moved on at once
+        assert time.monotonic() - start < 0.2 * 50  # well before the cancelled job's 60 images could have run
+        assert not result.cached and process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    counts = queue.counts()
+    assert (counts[DONE], counts[CANCELLED], counts[QUEUED], counts[RUNNING], counts[FAILED]) == (1, 2, 0, 0, 0)
+    assert [queue.status(job).attempts for job in (left, cancelled.job_id)] == [1, 1]  # never re-run
+    assert log.read_text().count("were cancelled; stopped their capture") == 2
+

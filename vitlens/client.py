@@ -2,7 +2,10 @@
 
 In ``hosted`` mode the app never loads a model: it puts the images and a job into the shared
 queue, reports the queue position and progress, and reads the traces from the ``TraceStore``
-by the keys the worker recorded. In ``embedded`` mode (the default) the same happens, but the
+by the keys the worker recorded. The job is submitted *watched*: while the client waits it
+touches the job, so a job whose waiter is gone (the app process died) is cancelled by the
+worker after ``job_lease`` seconds; when the progress callback raises (the app's user cancelled,
+or every session waiting for it left) the client cancels the job at once. In ``embedded`` mode (the default) the same happens, but the
 client first starts a worker thread inside this process, shared by every caller of the process
 and its loaded models. (The app uses the client in hosted mode only; embedded, it runs
 captures on its own ``Engine``, see ``app/captures.py``.)
@@ -18,8 +21,8 @@ from . import errors
 from .engine import TraceResult
 from .errors import VitlensError
 from .images import DecodedImage
-from .jobs import (DONE, FAILED, JobError, JobLostError, JobQueue, JobSpec, JobStatus, JobTimeoutError, MalformedJobError,
-                   NoWorkerError)
+from .jobs import (CANCELLED, DONE, FAILED, JobCancelledError, JobError, JobLostError, JobQueue, JobSpec, JobStatus,
+                   JobTimeoutError, MalformedJobError, NoWorkerError)
 from .models import resolve_spec, weights_fingerprint
 from .settings import Settings
 from .store import CaptureOptions, TraceStore
@@ -41,7 +44,7 @@ class Client:
 
     def __init__(self, settings: Settings, queue: JobQueue | None = None, store: TraceStore | None = None) -> None:
         self.settings = settings
-        self.queue = queue or JobQueue(settings.queue_dir, lease=settings.worker_lease, max_attempts=settings.job_attempts)
+        self.queue = queue or JobQueue.from_settings(settings)
         self.store = store or TraceStore(settings.cache_dir, settings.cache_size)
         self._worker_thread: threading.Thread | None = None
         self._worker_stop = threading.Event()
@@ -63,7 +66,8 @@ class Client:
             model: Preset or timm ViT name (must be in ``Settings.allowed_models`` when set).
             weights: ``hub``, ``random``, ``synthetic`` or a file name inside ``Settings.weights_dir``.
             options: Capture options.
-            progress: Called with the job's status at each poll (queue position, images done).
+            progress: Called with the job's status at each poll (queue position, images done); when
+                it raises, the job is cancelled (with the error as the reason) and the error raised.
             timeout: Seconds to wait; default ``Settings.job_timeout``.
 
         Raises:
@@ -82,7 +86,7 @@ class Client:
         results = self._read(status, all_cached=joined.state == DONE)
         if results is None:  # done, but traces were evicted from the store since: run again once
             log.info("job %s is done but its traces were evicted; running it again", spec.job_id)
-            self.queue.submit(spec, rerun=True)
+            self.queue.submit(spec, rerun=True, watched=True)
             status = self.wait(spec.job_id, progress, timeout)
             results = self._read(status)
             if results is None:
@@ -91,12 +95,21 @@ class Client:
         return results
 
     def submit(self, images: Sequence[DecodedImage], model: str, weights: str = "hub",
-               options: CaptureOptions = CaptureOptions()) -> JobSpec:
-        """Check the request, store its images and queue the job (or join the identical one)."""
-        return self._submit(images, model, weights, options)[0]
+               options: CaptureOptions = CaptureOptions(), watched: bool = False) -> JobSpec:
+        """Check the request, store its images and queue the job (or join the identical one).
+
+        Args:
+            watched: The caller will ``wait`` for it; when nobody waits for ``job_lease``
+                seconds, the worker cancels it. Unwatched jobs run regardless.
+        """
+        return self._submit(images, model, weights, options, watched)[0]
+
+    def cancel(self, job_id: str, reason: str = "Cancelled by its user.") -> bool:
+        """Cancel a queued or running job (the worker stops after its current batch); False when already finished."""
+        return self.queue.cancel(job_id, reason)
 
     def _submit(self, images: Sequence[DecodedImage], model: str, weights: str,
-                options: CaptureOptions) -> tuple[JobSpec, JobStatus]:
+                options: CaptureOptions, watched: bool = True) -> tuple[JobSpec, JobStatus]:
         self.settings.check_model(model)
         fingerprint = weights_fingerprint(resolve_spec(model), self.settings.resolve_weights(weights))
         self.settings.check_side(options.side)
@@ -104,29 +117,40 @@ class Client:
             self.ensure_worker()
         spec = JobSpec(model=model, weights=weights, images=tuple(self.queue.put_image(image) for image in images),
                        options=options, fingerprint=fingerprint)
-        return spec, self.queue.submit(spec)
+        return spec, self.queue.submit(spec, watched=watched)
 
     def wait(self, job_id: str, progress: StatusCallback | None = None, timeout: float | None = None) -> JobStatus:
-        """Poll until the job is done; raise on failure, timeout, or when no worker shows up."""
+        """Poll until the job is done, touching it (a watched job lives while someone waits for it).
+
+        Raises:
+            JobError: the job failed (its error type and sentence), was cancelled, vanished, did
+                not finish within ``timeout``, or no worker shows up.
+            BaseException: whatever ``progress`` raised; the job is cancelled first.
+        """
         timeout = self.settings.job_timeout if timeout is None else timeout
         start = time.monotonic()
         no_worker_since: float | None = None
-        last_recovery = 0.0
+        last_recovery = last_touch = 0.0
         while True:
             now = time.monotonic()
             if now - last_recovery > min(5.0, self.settings.worker_lease / 2):
                 self.queue.recover()  # a crashed worker's job goes back to the queue (or fails with a reason)
                 last_recovery = now
+            if now - last_touch > self.settings.job_lease / 5:
+                self.queue.touch(job_id)
+                last_touch = now
             status = self.queue.status(job_id)
             if status is None:
                 raise JobLostError("The job disappeared from the queue (it was pruned or the queue was rebuilt); "
                                    "submit it again.")
             if progress is not None:
-                progress(status)
+                self._report(status, progress)
             if status.state == DONE:
                 return status
             if status.state == FAILED:
                 raise _ERRORS.get(status.error or "", JobError)(status.message or "The capture job failed.")
+            if status.state == CANCELLED:
+                raise JobCancelledError(status.message or "The capture job was cancelled.")
             if self.queue.workers():
                 no_worker_since = None
             else:
@@ -138,6 +162,16 @@ class Client:
                 raise JobTimeoutError(f"The capture did not finish within {timeout:g} s "
                                       f"({status.describe().lower()}); try again later or with fewer images.")
             time.sleep(self.settings.poll_interval)
+
+    def _report(self, status: JobStatus, progress: StatusCallback) -> None:
+        """Hand ``status`` to ``progress``; when it raises (its caller stopped waiting), cancel the job first."""
+        try:
+            progress(status)
+        except BaseException as error:
+            reason = str(error) or f"Cancelled: its caller stopped waiting ({type(error).__name__})."
+            if self.queue.cancel(status.job_id, reason):
+                log.info("job %s cancelled: %s", status.job_id, reason)
+            raise
 
     def _read(self, status: JobStatus, all_cached: bool = False) -> list[TraceResult] | None:
         """The traces of a done job from the store; None when any was evicted."""

@@ -4,7 +4,13 @@ A job is one capture request: images (by pixel digest; the worker reads their PN
 queue's image folder), a model, its weights and the ``CaptureOptions``. Its id is a hash of
 all of that, so identical requests share one job. Status: ``queued`` (with its position),
 ``running`` (images done of total), ``done`` (the ``TraceStore`` keys of the results; traces
-never travel through the queue) or ``failed`` (one sentence).
+never travel through the queue), ``failed`` (one sentence) or ``cancelled`` (one sentence: who
+cancelled it, or that nobody was waiting for it any more).
+
+A client that waits for a job submits it *watched* and touches it while it polls; a watched
+job nobody touched for ``watch_lease`` seconds (its page was closed, its app process died) is
+cancelled by the worker before it starts it or between two of its batches. Jobs submitted
+unwatched run whether or not anyone polls them.
 
 The queue is a table in one SQLite file (stdlib ``sqlite3``, WAL mode). Queue libraries were
 weighed and none gave what a GPU worker that may be SIGKILLed needs:
@@ -21,10 +27,11 @@ weighed and none gave what a GPU worker that may be SIGKILLed needs:
 
 Every one of them would need the same job table beside it for status, progress and crash
 recovery, which then is the real queue. So the table is the queue, and the protocol is
-three SQL statements inside ``BEGIN IMMEDIATE`` transactions (SQLite's cross-process write
+a few SQL statements inside ``BEGIN IMMEDIATE`` transactions (SQLite's cross-process write
 lock): claim (oldest queued job plus compatible ones, marked running by one worker), renew
-(worker heartbeat), and recover (jobs of a worker whose heartbeat is stale, or whose process
-is gone, go back to the queue or fail after ``max_attempts``).
+(worker heartbeat), recover (jobs of a worker whose heartbeat is stale, or whose process
+is gone, go back to the queue or fail after ``max_attempts``), and touch / cancel (the client's
+side of a watched job).
 """
 from __future__ import annotations
 
@@ -45,12 +52,14 @@ from typing import Iterator, Sequence
 from .errors import StorageError, VitlensError
 from .images import DecodedImage, decode_image
 from .interventions import TestTimeRegister
+from .settings import Settings
 from .store import CaptureOptions
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-FINISHED = (DONE, FAILED)
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+ACTIVE = (QUEUED, RUNNING)
 JOB_RETENTION = 24 * 3600.0  # seconds finished jobs and unused images are kept
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -68,7 +77,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     submitted REAL NOT NULL,
     started REAL,
-    finished REAL
+    finished REAL,
+    watched REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS workers (
@@ -96,6 +106,10 @@ class JobLostError(JobError):
 
 class JobTimeoutError(JobError):
     """A job did not finish in the time the caller was willing to wait."""
+
+
+class JobCancelledError(JobError):
+    """The job was cancelled (by a user, or because nobody was waiting for it any more)."""
 
 
 class NoWorkerError(JobError):
@@ -184,12 +198,12 @@ class JobStatus:
 
     Attributes:
         job_id: Stable id of the request.
-        state: ``queued``, ``running``, ``done`` or ``failed``.
+        state: ``queued``, ``running``, ``done``, ``failed`` or ``cancelled``.
         position: Queued jobs ahead of this one (queued only).
         done: Images captured so far.
         total: Images in the job.
         attempts: How many times a worker took the job.
-        message: Why it failed (failed), or a note such as a re-queue after a worker died.
+        message: Why it failed or was cancelled, or a note such as a re-queue after a worker died.
         error: Name of the ``VitlensError`` subclass behind a failure, if any.
         keys: ``TraceStore`` keys of the results in image order (done only).
         cached: Per image, whether the worker found the trace in the store (done only).
@@ -221,6 +235,8 @@ class JobStatus:
             return f"Running: {self.done} of {self.total} image{'s' * (self.total != 1)} captured"
         if self.state == DONE:
             return "Done"
+        if self.state == CANCELLED:
+            return self.message or "Cancelled"
         return f"Failed: {self.message}"
 
 
@@ -253,12 +269,20 @@ class JobQueue:
         directory: Shared folder (``Settings.job_dir``).
         lease: Seconds without a heartbeat after which a worker counts as dead.
         max_attempts: Times a job is started before a worker crash fails it for good.
+        watch_lease: Seconds a watched job is kept without its client touching it; then it is cancelled.
     """
 
     directory: Path
     lease: float = 30.0
     max_attempts: int = 2
+    watch_lease: float = 30.0
     _host: str = field(default_factory=socket.gethostname, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobQueue:
+        """The deployment's queue (``settings.queue_dir``) with its leases and attempts."""
+        return cls(settings.queue_dir, lease=settings.worker_lease, max_attempts=settings.job_attempts,
+                   watch_lease=settings.job_lease)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -307,24 +331,49 @@ class JobQueue:
         return image
 
     # -- submitting and reading --------------------------------------------------------------
-    def submit(self, spec: JobSpec, rerun: bool = False) -> JobStatus:
-        """Queue ``spec`` unless the same job is queued, running or done; a failed job is queued again.
+    def submit(self, spec: JobSpec, rerun: bool = False, watched: bool = False) -> JobStatus:
+        """Queue ``spec`` unless the same job is queued, running or done; a failed or cancelled job is queued again.
 
         Args:
             spec: The request; its images must have been stored with ``put_image``.
             rerun: Queue it again even when it is done (its results were evicted from the store).
+            watched: The caller will ``touch`` the job while it waits; once nobody has for
+                ``watch_lease`` seconds, the worker cancels it. Joining a job someone submitted
+                unwatched leaves it unwatched (that submitter wants it whatever happens).
         """
         job_id, now = spec.job_id, time.time()
+        watch = now if watched else None
+        with self._transaction() as conn:
+            row = conn.execute("SELECT state, watched FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO jobs (id, seq, spec, grp, state, total, submitted, watched) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (job_id, _next_seq(conn), spec.to_json(), spec.group, QUEUED, len(spec.images), now, watch))
+            elif row[0] in (FAILED, CANCELLED) or (rerun and row[0] == DONE):
+                conn.execute("UPDATE jobs SET state = ?, seq = ?, done = 0, attempts = 0, worker = NULL, message = NULL, "
+                             "error = NULL, result = NULL, submitted = ?, started = NULL, finished = NULL, watched = ? "
+                             "WHERE id = ?", (QUEUED, _next_seq(conn), now, watch, job_id))
+            elif row[0] in ACTIVE and (not watched or row[1] is not None):
+                conn.execute("UPDATE jobs SET watched = ? WHERE id = ?", (watch, job_id))
+        return self.status(job_id)
+
+    def touch(self, job_id: str) -> bool:
+        """Renew a watched job's lease (its client still waits); False when it is not queued or running."""
         with self._transaction() as conn:
             row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                conn.execute("INSERT INTO jobs (id, seq, spec, grp, state, total, submitted) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (job_id, _next_seq(conn), spec.to_json(), spec.group, QUEUED, len(spec.images), now))
-            elif row[0] == FAILED or (rerun and row[0] == DONE):
-                conn.execute("UPDATE jobs SET state = ?, seq = ?, done = 0, attempts = 0, worker = NULL, message = NULL, "
-                             "error = NULL, result = NULL, submitted = ?, started = NULL, finished = NULL WHERE id = ?",
-                             (QUEUED, _next_seq(conn), now, job_id))
-        return self.status(job_id)
+            conn.execute("UPDATE jobs SET watched = ? WHERE id = ? AND watched IS NOT NULL", (time.time(), job_id))
+        return row is not None and row[0] in ACTIVE
+
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """Cancel a queued or running job with one sentence; a worker running it stops after its current batch.
+
+        Returns:
+            False when the job had already finished (or does not exist).
+        """
+        with self._transaction() as conn:
+            return bool(conn.execute("UPDATE jobs SET state = ?, message = ?, error = NULL, finished = ? "
+                                     "WHERE id = ? AND state IN (?, ?)",
+                                     (CANCELLED, _sentence(reason), time.time(), job_id, *ACTIVE)).rowcount)
 
     def status(self, job_id: str) -> JobStatus | None:
         """The job's status, or None when there is no such job."""
@@ -348,16 +397,18 @@ class JobQueue:
         """Number of jobs per state."""
         with self._connect() as conn:
             rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        return {state: 0 for state in (QUEUED, RUNNING, DONE, FAILED)} | dict(rows)
+        return {state: 0 for state in (*ACTIVE, *FINISHED)} | dict(rows)
 
     # -- worker side -------------------------------------------------------------------------
     def claim(self, worker_id: str, max_images: int) -> list[ClaimedJob]:
         """Take the oldest queued job and, behind it, compatible ones up to ``max_images`` images.
 
-        Atomic across processes: a job is handed to exactly one worker.
+        Atomic across processes: a job is handed to exactly one worker. Watched jobs nobody
+        waits for any more are cancelled first, not handed out.
         """
         now = time.time()
         with self._transaction() as conn:
+            _abandon(conn, now, self.watch_lease)
             first = conn.execute("SELECT id, grp FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
             if first is None:
                 return []
@@ -375,6 +426,15 @@ class JobQueue:
             conn.executemany("UPDATE jobs SET state = ?, worker = ?, attempts = attempts + 1, done = 0, started = ? "
                              "WHERE id = ? AND state = ?", [(RUNNING, worker_id, now, job.job_id, QUEUED) for job in taken])
         return taken
+
+    def wanted(self, job_ids: Sequence[str], worker_id: str) -> set[str]:
+        """Which of ``job_ids`` this worker should go on with: still its running jobs, after
+        cancelling those whose watchers have gone (the worker asks between batches)."""
+        with self._transaction() as conn:
+            _abandon(conn, time.time(), self.watch_lease)
+            rows = conn.execute(f"SELECT id FROM jobs WHERE state = ? AND worker = ? AND id IN ({','.join('?' * len(job_ids))})",
+                                (RUNNING, worker_id, *job_ids)).fetchall()
+        return {row[0] for row in rows}
 
     def progress(self, job_id: str, worker_id: str, done: int) -> bool:
         """Record images done; False when the job is no longer this worker's."""
@@ -508,7 +568,7 @@ class JobQueue:
         try:
             return self._probe()
         except sqlite3.DatabaseError as error:  # a new queue has no tables yet: only other errors are worth a warning
-            log.log(logging.INFO if "no such table" in str(error) else logging.WARNING,
+            log.log(logging.INFO if "no such" in str(error) else logging.WARNING,
                     "job queue %s is unusable (%s); repairing it", self.db_path, error)
         try:
             with self._repair_lock():
@@ -521,7 +581,7 @@ class JobQueue:
         conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("SELECT 1 FROM jobs, workers LIMIT 0")
+            conn.execute("SELECT jobs.watched FROM jobs, workers LIMIT 0")
         except BaseException:
             conn.close()
             raise
@@ -558,6 +618,9 @@ class JobQueue:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if "watched" not in columns:  # a queue made before jobs could be watched
+                conn.execute("ALTER TABLE jobs ADD COLUMN watched REAL")
         finally:
             conn.close()
 
@@ -590,6 +653,16 @@ def _storage_sentence(error: BaseException) -> str:
     if "readonly" in text or "read-only" in text or isinstance(error, PermissionError):
         return "The job queue's folder is read-only, so no job can be queued; ask the operator to fix its permissions."
     return "The job queue's storage failed and could not be repaired; try again, or ask the operator to check its disk."
+
+
+def _abandon(conn: sqlite3.Connection, now: float, lease: float) -> None:
+    """Cancel the queued and running watched jobs nobody touched for ``lease`` seconds (inside a transaction)."""
+    message = (f"Cancelled: nobody was waiting for it any more (no client polled it for {lease:g} s; "
+               "its page was closed or its session ended).")
+    abandoned = conn.execute("UPDATE jobs SET state = ?, message = ?, error = NULL, finished = ? "
+                             "WHERE state IN (?, ?) AND watched < ?", (CANCELLED, message, now, *ACTIVE, now - lease)).rowcount
+    if abandoned:
+        log.info("cancelled %d job(s) nobody was waiting for", abandoned)
 
 
 def _next_seq(conn: sqlite3.Connection) -> int:

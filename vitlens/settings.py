@@ -17,7 +17,7 @@ PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _POSITIVE = ("cache_size", "max_pixels", "max_image_bytes", "max_side", "max_images", "max_uploaded_weights",
              "job_timeout", "worker_wait", "worker_batch",
-             "worker_max_models", "worker_lease", "job_attempts", "poll_interval")
+             "worker_max_models", "worker_lease", "job_lease", "job_attempts", "poll_interval")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")  # as vitlens.models.WEIGHT_SUFFIXES (not imported: it pulls in timm)
 
 
@@ -55,6 +55,8 @@ class Settings:
         worker_max_models: Models a worker keeps loaded (least recently used dropped first).
         worker_lease: Seconds without a worker heartbeat after which its running jobs are
             re-queued (at once when its process is gone on this host).
+        job_lease: Seconds a capture job is kept without its client (an app session, a CLI call)
+            polling it; after that the worker cancels it, before it starts or between batches.
         job_attempts: Starts of a job before a worker crash fails it for good (with a reason).
         precision: Capture precision a worker uses for every job (``fp32``, ``bf16``, ``fp16``);
             None: each job's own. Results are stored under the precision actually used.
@@ -84,6 +86,7 @@ class Settings:
     worker_batch: int = 8
     worker_max_models: int = 2
     worker_lease: float = 30.0
+    job_lease: float = 30.0
     job_attempts: int = 2
     precision: str | None = None
     poll_interval: float = 0.25
@@ -227,7 +230,8 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "cache_size": int, "max_pixels": int, "max_image_bytes": int, "max_side": int, "max_images": int,
     "max_uploaded_weights": int, "worker_batch": int,
     "worker_max_models": int, "job_attempts": int,
-    "job_timeout": float, "worker_wait": float, "worker_lease": float, "poll_interval": float,
+    "job_timeout": float, "worker_wait": float, "worker_lease": float, "job_lease": float,
+    "poll_interval": float,
 }
 
 

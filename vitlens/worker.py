@@ -5,6 +5,9 @@ and options) as one batched ``Engine.traces`` call, writes the traces to the ``T
 and records their keys in the job. A heartbeat thread renews its lease, so a worker that dies
 (even by SIGKILL) has its running jobs re-queued by the next worker, or failed with a reason
 once they have been started ``job_attempts`` times. A failure fails only the jobs it belongs to.
+Between batches the worker asks the queue which of its jobs are still wanted: a batch whose
+jobs were all cancelled (by their user, or because nobody polled them for ``job_lease``
+seconds) stops there, and the worker takes the next job.
 """
 from __future__ import annotations
 
@@ -43,6 +46,10 @@ class _Ready:
     images: tuple[DecodedImage, ...]
 
 
+class _Unwanted(Exception):
+    """Every job of the running group was cancelled: stop capturing for it."""
+
+
 class Worker:
     """Runs capture jobs from the queue until stopped.
 
@@ -57,7 +64,7 @@ class Worker:
     def __init__(self, settings: Settings, queue: JobQueue | None = None, store: TraceStore | None = None,
                  engine: Engine | None = None, worker_id: str | None = None) -> None:
         self.settings = settings
-        self.queue = queue or JobQueue(settings.queue_dir, lease=settings.worker_lease, max_attempts=settings.job_attempts)
+        self.queue = queue or JobQueue.from_settings(settings)
         self.store = store or TraceStore(settings.cache_dir, settings.cache_size)
         self.engine = engine or Engine(self.store, device=settings.device, max_models=settings.worker_max_models,
                                        max_batch=settings.worker_batch)
@@ -166,6 +173,8 @@ class Worker:
         """
         try:
             self._capture(group)
+        except _Unwanted:
+            log.info("jobs %s were cancelled; stopped their capture", [ready.job.job_id for ready in group])
         except VitlensError as error:
             self._fail([ready.job for ready in group], str(error), error)
         except torch.cuda.OutOfMemoryError:
@@ -197,6 +206,8 @@ class Worker:
         by_digest = dict(zip(unique, results))
         key_of = dict(zip(unique, self.engine.trace_keys(images, first.spec.model, first.weights, first.options)))
         for ready in group:  # the group shares model, weights and options, so its keys differ only by image
+            if ready.job.job_id not in progress.live:
+                continue  # cancelled meanwhile: its traces are in the store, its job says why it stopped
             keys = [key_of[image.digest] for image in ready.images]
             cached = [by_digest[image.digest].cached for image in ready.images]
             self.queue.complete(ready.job.job_id, self.worker_id, keys, cached)
@@ -209,13 +220,23 @@ class Worker:
 
 
 class _ProgressSplitter:
-    """Turns engine progress over a merged batch into per-job progress (proportional)."""
+    """Turns engine progress over a merged batch into per-job progress (proportional), and stops
+    the batch (``_Unwanted``) once none of its jobs is wanted any more.
+
+    Attributes:
+        live: The jobs still wanted at the last report.
+    """
 
     def __init__(self, queue: JobQueue, worker_id: str, jobs: list[tuple[str, int]]) -> None:
         self.queue, self.worker_id, self.jobs = queue, worker_id, jobs
+        self.live = {job_id for job_id, _ in jobs}
 
     def __call__(self, done: int, total: int) -> None:
+        self.live = self.queue.wanted([job_id for job_id, _ in self.jobs], self.worker_id)
+        if not self.live:
+            raise _Unwanted()
         if not total:
             return
         for job_id, size in self.jobs:
-            self.queue.progress(job_id, self.worker_id, min(size, done * size // total))
+            if job_id in self.live:
+                self.queue.progress(job_id, self.worker_id, min(size, done * size // total))
