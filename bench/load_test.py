@@ -4,22 +4,26 @@
     python bench/load_test.py --fault               # SIGKILL the worker mid-batch, restart it
     python bench/load_test.py --workers 2 --no-app  # two workers on one queue
     python bench/load_test.py --hostile             # issue 13: honest phase, then the same with a hostile
-                                                    # session (the 10,000-image link, a zip-bomb weights
-                                                    # file) and the worker killed; Chromium sessions too
+                                                    # session (the 10,000-image link, a tab closed mid-capture,
+                                                    # a zip-bomb upload) and the worker killed; Chromium too
 
 Each simulated session is a thread doing what the app's data layer does in hosted mode:
 ``vitlens.client.Client.compute_traces`` on its own images (crops of the offline gallery,
 different for every request), which queues a job and polls it. The report gives throughput,
-p50/p95 latency, how the worker batched, and accounts for every job: each must end ``done``
-or ``failed`` with a reason. Everything runs on this machine; the app server listens on
+p50/p95 latency, how the worker batched, and accounts for every job: each must end ``done``,
+or ``failed`` / ``cancelled`` with a reason. Everything runs on this machine; the app server listens on
 127.0.0.1 only. Loops are bounded by ``--timeout``.
 
 ``--hostile`` runs two phases on fresh images: honest sessions alone, then honest sessions
-while a hostile one opens the ``?images=coffee,…`` link (ten thousand copies) in Chromium and
-asks for a zip-bomb weights file, and the worker is SIGKILLed and restarted. ``--browsers N``
-of the honest sessions are real Chromium pages on the app (latency: until the first chart is
-drawn). It reports jobs done / failed with a reason / lost, p50/p95 latency of the honest
-sessions in each phase, and the peak memory (RSS) of the app server and the worker.
+while a hostile one, in Chromium, opens the ``?images=coffee,…`` link (ten thousand copies),
+opens every gallery image at a large side and closes the tab once the job is queued (the job
+must end cancelled), and uploads a zip-bomb ``.pth`` through the app's weights upload (then
+asks the worker for the same bomb in the weights folder), while the worker is SIGKILLed and
+restarted. ``--browsers N`` of the honest sessions are real Chromium pages on the app: each
+request opens a link for a gallery image and uploads a fresh photograph crop through the
+sidebar (latency: until the upload's charts are drawn). It reports jobs done / failed with a
+reason / cancelled with a reason / lost, p50/p95 latency of the honest sessions in each phase,
+the peak memory (RSS) of the app server and the worker in each phase, and the load average.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -36,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from vitlens.client import Client  # noqa: E402
 from vitlens.errors import VitlensError  # noqa: E402
 from vitlens.images import GALLERY, DecodedImage, decode_image, gallery_image  # noqa: E402
-from vitlens.jobs import DONE, FAILED, RUNNING, JobSpec  # noqa: E402
+from vitlens.jobs import CANCELLED, DONE, FAILED, FINISHED, RUNNING, JobSpec  # noqa: E402
 from vitlens.models import resolve_spec, weights_fingerprint  # noqa: E402
 from vitlens.settings import Settings  # noqa: E402
 from vitlens.store import CaptureOptions  # noqa: E402
@@ -168,6 +174,7 @@ def _env(settings: Settings) -> dict[str, str]:
                 "VITLENS_POLL_INTERVAL": str(settings.poll_interval), "VITLENS_WORKER_LEASE": str(settings.worker_lease),
                 "VITLENS_WORKER_BATCH": str(settings.worker_batch), "VITLENS_JOB_ATTEMPTS": str(settings.job_attempts),
                 "PYTHONPATH": str(ROOT), "VITLENS_WEIGHTS_DIR": str(settings.weights_dir),
+                "VITLENS_WORKER_WAIT": str(settings.worker_wait), "VITLENS_JOB_TIMEOUT": str(settings.job_timeout),
                 "HF_HUB_OFFLINE": "1"})
     return env
 
@@ -207,6 +214,11 @@ def _wait_app(app: tuple[subprocess.Popen, int], timeout: float) -> str:
 
 def _image(session: int, request: int, index: int) -> DecodedImage:
     """A different crop of a gallery photograph for every (session, request, index)."""
+    return decode_image(_crop_png(session, request, index), name=f"s{session}r{request}i{index}")
+
+
+def _crop_png(session: int, request: int, index: int) -> bytes:
+    """The PNG of ``_image``'s crop (what a browser session uploads)."""
     import io
 
     import numpy as np
@@ -219,7 +231,7 @@ def _image(session: int, request: int, index: int) -> DecodedImage:
     left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
     buffer = io.BytesIO()
     source.crop((left, top, left + crop_w, top + crop_h)).save(buffer, format="PNG")
-    return decode_image(buffer.getvalue(), name=f"s{session}r{request}i{index}")
+    return buffer.getvalue()
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,10 +316,11 @@ def _accounting(client: Client, settings: Settings) -> dict:
     done = by_state.get(DONE, 0)
     return {
         "jobs": by_state,
-        "jobs_unfinished": sum(count for state, count in by_state.items() if state not in (DONE, FAILED)),
+        "jobs_unfinished": sum(count for state, count in by_state.items() if state not in FINISHED),
         "jobs_rerun": sum(1 for _, attempts, *_ in rows if attempts > 1),
-        "failed_without_reason": sum(1 for state, _, message, *_ in rows if state == FAILED and not message),
+        "failed_without_reason": sum(1 for state, _, message, *_ in rows if state in (FAILED, CANCELLED) and not message),
         "failed_reasons": sorted({message for state, _, message, *_ in rows if state == FAILED}),
+        "cancelled_reasons": sorted({message for state, _, message, *_ in rows if state == CANCELLED}),
         "jobs_per_batch": round(done / batches, 2) if batches else None,
     }
 
@@ -351,6 +364,7 @@ def _print(report: dict) -> None:
 
 HOSTILE_LINK_COPIES = 10_000
 BOMB = "bomb.pth"
+CLOSED_TAB_SIDE = 1024  # the closed tab's capture: all gallery images at this side (long enough to outlast ABANDON_S)
 
 
 def _hostile_main(args: argparse.Namespace, settings: Settings, env: dict[str, str], work: Path) -> int:
@@ -362,21 +376,28 @@ def _hostile_main(args: argparse.Namespace, settings: Settings, env: dict[str, s
     client = Client(settings)
     memory = _MemorySampler(lambda: {"app": [app[0].pid], "worker": [process.pid for process in workers]})
     report: dict = {"model": args.model, "side": args.side, "sessions": args.sessions, "browser_sessions": args.browsers,
-                    "requests_per_session": args.requests, "images_per_request": args.images}
+                    "requests_per_session": args.requests, "images_per_request": args.images,
+                    "load_average_at_start": _load_average()}
+    args.work = work
     try:
         report["app"] = _wait_app(app, args.timeout)
         client.compute_traces([_image(-1, 0, 0)], args.model, "random", CaptureOptions(side=args.side), timeout=args.timeout)
         memory.start()
         url = f"http://127.0.0.1:{app[1]}"
         report["honest_only"] = _phase(client, url, args, seed=100, hostile=None)
+        report["honest_only"]["peak_rss_mib"] = memory.take()
         hostile: dict = {}
         fault: dict = {}
         killer = threading.Thread(target=_kill_and_restart, args=(client, workers, env, logs, args, fault), daemon=True)
         report["with_hostile"] = _phase(client, url, args, seed=200, hostile=hostile, killer=killer)
+        report["with_hostile"]["peak_rss_mib"] = memory.take()
         report["hostile"] = hostile
         report["fault"] = fault
         report["app_after"] = _health(app[1])
         report.update(_accounting(client, settings))
+        report["lost"] = (report["jobs_unfinished"] + report["honest_only"]["unaccounted"]
+                          + report["with_hostile"]["unaccounted"])
+        report["load_average_at_end"] = _load_average()
     finally:
         memory.stop()
         for process in workers:
@@ -388,11 +409,10 @@ def _hostile_main(args: argparse.Namespace, settings: Settings, env: dict[str, s
         for process in workers:
             _wait(process)
         client.close()
-    report["peak_rss_mib"] = memory.peaks
     _print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    ok = report["jobs_unfinished"] == 0 and not report["failed_without_reason"] and report["app_after"] == "ok"
+    ok = report["lost"] == 0 and not report["failed_without_reason"] and report["app_after"] == "ok"
     return 0 if ok else 1
 
 
@@ -401,7 +421,7 @@ def _phase(client: Client, url: str, args: argparse.Namespace, seed: int, hostil
     """Honest sessions (``--browsers`` of them in Chromium), optionally with the hostile session and a kill."""
     run = Run()
     honest = args.sessions - args.browsers
-    args.ready = threading.Barrier(honest + 1, timeout=args.timeout)
+    args.ready = threading.Barrier(args.sessions + 1, timeout=args.timeout)  # every honest session, then the clock starts
     threads = [threading.Thread(target=_session, args=(client, run, s, args, seed)) for s in range(honest)]
     threads += [threading.Thread(target=_browser_session, args=(url, run, honest + b, args, seed)) for b in range(args.browsers)]
     if hostile is not None:
@@ -421,32 +441,53 @@ def _phase(client: Client, url: str, args: argparse.Namespace, seed: int, hostil
     return summary
 
 
+_PLOTS_DRAWN = """() => { const main = document.querySelector('[data-testid=stMain]');
+    const plots = main ? [...main.querySelectorAll('.js-plotly-plot')] : [];
+    const busy = document.querySelector('[data-stale=true], [data-testid=stMain] [data-testid=stProgress]') !== null;
+    return !busy && plots.length > 0 && plots.every(p => p.data && p.data.length > 0); }"""
+_PROBLEM = "[data-testid=stMain] [data-testid=stException], [data-testid=stMain] [data-testid=stAlert]"
+_DRAWN_OR_PROBLEM = f"() => ({_PLOTS_DRAWN})() || document.querySelector('{_PROBLEM}') !== null"
+_IMAGE_UPLOADER = "[data-testid=stSidebar] [data-testid=stFileUploader]:has-text('Upload images') input[type=file]"
+_WEIGHTS_UPLOADER = "[data-testid=stSidebar] [data-testid=stFileUploader]:has-text('Weights file') input[type=file]"
+_IMAGE_PICKER = "[data-testid=stMain] [data-testid=stSelectbox]:has-text('Image') input"
+
+
+def _launch(playwright):
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--headless"])
+
+
 def _browser_session(url: str, run: Run, session: int, args: argparse.Namespace, seed: int) -> None:
-    """A Chromium page per request on the app's link for two gallery images; latency until a chart is drawn."""
+    """A Chromium page per request: the app's link for one gallery image, then an upload of a fresh
+    photograph crop through the sidebar's file input; latency until the upload's charts are drawn."""
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         run.add(Outcome(session, 0, 0.0, "error", "playwright is not installed"))
         return
     names = sorted(GALLERY)
+    uploads = [args.work / f"upload-s{session + seed}r{request}.png" for request in range(args.requests)]
+    for request, path in enumerate(uploads):
+        path.write_bytes(_crop_png(session + seed, request, 0))
+    args.ready.wait()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--headless"])
+        browser = _launch(playwright)
         try:
-            for request in range(args.requests):
-                pair = [names[(session + seed + request + k) % len(names)] for k in range(args.images)]
-                link = (f"{url}/?model={args.model}&weights=random&compare=0&side={args.side + 14 * (seed // 100)}"
-                        f"&images={','.join(pair)}")
+            for request, upload in enumerate(uploads):
+                link = (f"{url}/?model={args.model}&weights=random&compare=0&side={args.side}"
+                        f"&images={names[(session + seed + request) % len(names)]}")
                 page = browser.new_page()
                 start = time.monotonic()
                 try:
                     page.goto(link, timeout=args.timeout * 1000)
-                    page.wait_for_function("() => document.querySelectorAll('[data-testid=stMain] .js-plotly-plot').length"
-                                           " > 0 || document.querySelector('[data-testid=stMain] [data-testid=stException],"
-                                           " [data-testid=stMain] [data-testid=stAlert]') !== null",
-                                           timeout=args.timeout * 1000)
-                    problem = page.locator("[data-testid=stMain] [data-testid=stException], [data-testid=stMain] [data-testid=stAlert]")
-                    state = "done" if page.locator(".js-plotly-plot").count() else "failed"
-                    message = problem.first.inner_text()[:200] if state == "failed" and problem.count() else ""
+                    page.wait_for_function(_DRAWN_OR_PROBLEM, timeout=args.timeout * 1000)
+                    problem = page.locator(_PROBLEM)
+                    if not problem.count():
+                        page.locator(_IMAGE_UPLOADER).set_input_files(str(upload))
+                        expect(page.locator(_IMAGE_PICKER)).to_have_value(f"{upload.name} (upload)",
+                                                                          timeout=args.timeout * 1000)
+                        page.wait_for_function(_DRAWN_OR_PROBLEM, timeout=args.timeout * 1000)
+                    state = "failed" if problem.count() else "done"
+                    message = problem.first.inner_text()[:200] if problem.count() else ""
                     run.add(Outcome(session, request, time.monotonic() - start, state, message))
                 except Exception as error:  # counted, reported, never hidden
                     run.add(Outcome(session, request, time.monotonic() - start, "error", f"{type(error).__name__}: {error}"[:200]))
@@ -457,31 +498,113 @@ def _browser_session(url: str, run: Run, session: int, args: argparse.Namespace,
 
 
 def _hostile_session(client: Client, url: str, args: argparse.Namespace, report: dict) -> None:
-    """The issue-13 link (one image ten thousand times, 70 KB) in Chromium, then a zip-bomb weights file."""
+    """Issue 13's attacks from one session: the ``coffee,`` x 10,000 link, a heavy link whose tab
+    is closed mid-capture, a zip-bomb weights upload in Chromium, and a bomb in the weights folder."""
     from playwright.sync_api import sync_playwright
 
-    link = f"{url}/?model={args.model}&weights=random&compare=0&side={args.side}&images=" + "coffee," * HOSTILE_LINK_COPIES
-    start = time.monotonic()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--headless"])
+        browser = _launch(playwright)
         try:
-            page = browser.new_page()
-            page.goto(link, timeout=args.timeout * 1000)
-            page.wait_for_function("() => document.querySelectorAll('[data-testid=stMain] .js-plotly-plot').length > 0",
-                                   timeout=args.timeout * 1000)
-            report["link_bytes"] = len(link)
-            report["link_charts_drawn_s"] = round(time.monotonic() - start, 2)
-            report["link_images_shown"] = page.locator("[data-testid=stMultiSelect] [data-baseweb=tag]").count()
-        except Exception as error:  # reported
-            report["link_error"] = f"{type(error).__name__}: {error}"[:200]
+            _hostile_link(browser, url, args, report)
+            _closed_tab(browser, client, url, args, report)
+            _bomb_upload(browser, url, args, report)
         finally:
             browser.close()
     start = time.monotonic()
     try:
         client.compute_traces([_image(999, 0, 0)], args.model, BOMB, CaptureOptions(side=args.side), timeout=args.timeout)
-        report["bomb"] = "accepted (!)"
+        report["bomb_in_weights_folder"] = "accepted (!)"
     except VitlensError as error:
-        report["bomb"] = f"refused in {time.monotonic() - start:.1f} s: {error}"
+        report["bomb_in_weights_folder"] = f"refused in {time.monotonic() - start:.1f} s: {error}"
+
+
+def _hostile_link(browser, url: str, args: argparse.Namespace, report: dict) -> None:
+    """The issue-13 link: one image ten thousand times (70 KB); how many images it shows, and when."""
+    link = f"{url}/?model={args.model}&weights=random&compare=0&side={args.side}&images=" + "coffee," * HOSTILE_LINK_COPIES
+    report["link_bytes"] = len(link)
+    page, start = browser.new_page(), time.monotonic()
+    try:
+        page.goto(link, timeout=args.timeout * 1000)
+        page.wait_for_function(_DRAWN_OR_PROBLEM, timeout=args.timeout * 1000)
+        if page.locator(_PROBLEM).count():
+            report["link_problem"] = page.locator(_PROBLEM).first.inner_text()[:200]
+        report["link_charts_drawn_s"] = round(time.monotonic() - start, 2)
+        shown = urllib.parse.parse_qs(urllib.parse.urlparse(page.url).query).get("images", [""])[0]
+        report["link_images_in_the_page_link"] = len([ref for ref in shown.split(",") if ref])  # the view state the app wrote back
+    except Exception as error:  # reported
+        report["link_error"] = f"{type(error).__name__}: {error}"[:200]
+    finally:
+        page.close()
+
+
+def _closed_tab(browser, client: Client, url: str, args: argparse.Namespace, report: dict) -> None:
+    """Every gallery image at a large side, tab closed once its job is queued: the job must end cancelled."""
+    side = CLOSED_TAB_SIDE
+    link = f"{url}/?model={args.model}&weights=random&compare=0&side={side}&images={','.join(sorted(GALLERY))}"
+    page = browser.new_page()
+    job_id = None
+    try:
+        page.goto(link, timeout=args.timeout * 1000)
+        deadline = time.monotonic() + args.timeout
+        while job_id is None and time.monotonic() < deadline:
+            job_id = _job_with_side(client, side)
+            time.sleep(0.1)
+    finally:
+        page.close()
+    closed, closed_at = time.monotonic(), time.time()
+    if job_id is None:
+        report["closed_tab"] = "its job never reached the queue"
+        return
+    status = client.queue.status(job_id)
+    while not status.finished and time.monotonic() - closed < args.timeout:
+        time.sleep(0.2)
+        status = client.queue.status(job_id)
+    report["closed_tab"] = {"job_state": status.state, "images_done": f"{status.done} of {status.total}",
+                            "ended_s_after_close": round(time.monotonic() - closed, 1), "reason": status.message}
+    if status.state == CANCELLED:  # the worker stops at the end of the batch it is in
+        stopped = _worker_stopped_at(args.work / "logs", closed_at, closed_at + args.timeout)
+        report["closed_tab"]["worker_stopped_s_after_close"] = None if stopped is None else round(stopped - closed_at, 1)
+
+
+def _worker_stopped_at(logs: Path, after: float, deadline: float) -> float | None:
+    """When a worker's log first says it stopped a cancelled capture after ``after`` (waits until ``deadline``)."""
+    import datetime
+
+    while time.time() < deadline:
+        for log in sorted(logs.glob("worker*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if "were cancelled; stopped their capture" in line:
+                    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    if stamp >= after:
+                        return stamp
+        time.sleep(0.5)
+    return None
+
+
+def _job_with_side(client: Client, side: int) -> str | None:
+    with sqlite3.connect(client.queue.db_path) as conn:
+        for job_id, spec in conn.execute("SELECT id, spec FROM jobs"):
+            if JobSpec.from_json(spec).options.side == side:
+                return job_id
+    return None
+
+
+def _bomb_upload(browser, url: str, args: argparse.Namespace, report: dict) -> None:
+    """The zip-bomb ``.pth`` through the app's weights upload; what the page says."""
+    page, start = browser.new_page(), time.monotonic()
+    try:
+        page.goto(f"{url}/?model={args.model}&weights=upload:&compare=0&side={args.side}&images=coffee",
+                  timeout=args.timeout * 1000)
+        page.locator(_WEIGHTS_UPLOADER).set_input_files(str(args.work / "weights" / BOMB))
+        shown = page.locator("[data-testid=stAlert], [data-testid=stException]").filter(
+            has_not_text="Upload a weights file in the sidebar").filter(has_text=re.compile("weights", re.IGNORECASE))
+        shown.first.wait_for(timeout=args.timeout * 1000)
+        report["bomb_upload"] = f"refused in {time.monotonic() - start:.1f} s: {shown.first.inner_text()[:200]}"
+        report["bomb_upload_charts_drawn"] = page.locator("[data-testid=stMain] .js-plotly-plot").count()
+    except Exception as error:  # reported
+        report["bomb_upload"] = f"{type(error).__name__}: {error}"[:200]
+    finally:
+        page.close()
 
 
 def _write_bomb(path: Path, model: str) -> None:
@@ -519,11 +642,21 @@ class _MemorySampler:
         self._stop.set()
         self._thread.join(5)
 
+    def take(self) -> dict[str, float]:
+        """The peaks since the last ``take`` (or the start); starts counting afresh."""
+        peaks, self.peaks = self.peaks, {}
+        return peaks
+
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
             for name, pids in self._pids().items():
                 total = sum(_rss_mib(pid) for pid in pids)
                 self.peaks[name] = round(max(self.peaks.get(name, 0.0), total), 1)
+
+
+def _load_average() -> str:
+    """This machine's 1, 5 and 15 minute load averages, and its CPU count."""
+    return f"{' / '.join(f'{value:.2f}' for value in os.getloadavg())} on {os.cpu_count()} CPUs"
 
 
 def _rss_mib(pid: int) -> float:
