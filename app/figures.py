@@ -325,6 +325,9 @@ class EmergenceCurve:
         fraction: Outlier share of patch tokens per layer.  # [layer]
         norm_max: Largest patch-token norm per layer.  # [layer]
         norm_median: Median patch-token norm per layer.  # [layer]
+        cls_norm: CLS token norm per layer (mean over images); None without a class token.  # [layer]
+        register_norm: Mean register-token norm per layer (over registers and images); None
+            without registers.  # [layer]
     """
 
     label: str
@@ -332,6 +335,8 @@ class EmergenceCurve:
     fraction: np.ndarray
     norm_max: np.ndarray
     norm_median: np.ndarray
+    cls_norm: np.ndarray | None = None
+    register_norm: np.ndarray | None = None
 
     @property
     def first_layer(self) -> int | None:
@@ -339,33 +344,66 @@ class EmergenceCurve:
         layers = np.flatnonzero(self.count)
         return int(layers[0]) if layers.size else None
 
+    def norm_lines(self) -> list[tuple[str, np.ndarray, dict]]:
+        """The bottom panel's lines of this model: (statistic, values per layer, line and marker style)."""
+        lines = [("max patch norm", self.norm_max, dict(mode="lines+markers", dash="solid", symbol="circle")),
+                 ("median patch norm", self.norm_median, dict(mode="lines", dash="dot", symbol="circle"))]
+        if self.cls_norm is not None:
+            lines.append(("CLS norm", self.cls_norm, dict(mode="lines+markers", dash="dashdot", symbol="star")))
+        if self.register_norm is not None:
+            lines.append(("mean register norm", self.register_norm,
+                          dict(mode="lines+markers", dash="longdash", symbol="diamond")))
+        return lines
 
-def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 620) -> go.Figure:
-    """Outlier share (top) and max/median norm (bottom, log) per layer; first outlier layer marked."""
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("outlier share of patch tokens", "patch-token norm (pre-final-norm)"))
+
+def log_decades(values: Sequence[np.ndarray]) -> tuple[list[float], list[str]]:
+    """Tick values and labels at every power of ten spanning the positive ``values`` (at least two decades)."""
+    positive = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values])
+    positive = positive[np.isfinite(positive) & (positive > 0)]
+    if not positive.size:
+        return [1.0, 10.0], ["1", "10"]
+    low, high = int(np.floor(np.log10(positive.min()))), int(np.ceil(np.log10(positive.max())))
+    high = max(high, low + 1)
+    ticks = [10.0 ** e for e in range(low, high + 1)]
+    return ticks, [f"{t:g}" for t in ticks]
+
+
+def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 660) -> go.Figure:
+    """Outlier share (top) and per-layer norms (bottom, log, ticks at every decade): max and median
+    patch norm, CLS norm and mean register norm; first outlier layer marked. Legend entries say
+    the statistic under a title naming the model (colour: model; line style: statistic), below the plot."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.4, 0.6],
+                        subplot_titles=("outlier share of patch tokens",
+                                        "token norms per layer (pre-final-norm, log scale)"))
     for index, curve in enumerate(curves):
         colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
         layers = np.arange(curve.count.size)
-        fig.add_trace(go.Scatter(x=layers, y=curve.fraction * 100, mode="lines+markers", name=curve.label, legendgroup=curve.label,
-                                 line=dict(color=colour), customdata=curve.count,
-                                 hovertemplate="layer %{x}: %{y:.2f}% (%{customdata} tokens)<extra>%{fullData.name}</extra>"),
+        group = dict(legendgroup=curve.label, legendgrouptitle=dict(text=curve.label))
+        fig.add_trace(go.Scatter(x=layers, y=curve.fraction * 100, mode="lines+markers", name="outlier share",
+                                 line=dict(color=colour), customdata=curve.count, **group,
+                                 hovertemplate=f"layer %{{x}}: %{{y:.2f}}% (%{{customdata}} tokens)<extra>{curve.label}</extra>"),
                       row=1, col=1)
-        fig.add_trace(go.Scatter(x=layers, y=curve.norm_max, mode="lines+markers", name=f"{curve.label}: max",
-                                 legendgroup=curve.label, line=dict(color=colour)), row=2, col=1)
-        fig.add_trace(go.Scatter(x=layers, y=curve.norm_median, mode="lines", name=f"{curve.label}: median",
-                                 legendgroup=curve.label, line=dict(color=colour, dash="dot")), row=2, col=1)
+        for statistic, values, style in curve.norm_lines():
+            fig.add_trace(go.Scatter(x=layers, y=values, mode=style["mode"], name=statistic,
+                                     line=dict(color=colour, dash=style["dash"]), marker=dict(symbol=style["symbol"], size=7),
+                                     hovertemplate=f"layer %{{x}}: {statistic} %{{y:.4g}}<extra>{curve.label}</extra>", **group),
+                          row=2, col=1)
         if curve.first_layer is not None:
             fig.add_vline(x=curve.first_layer, line=dict(color=colour, dash="dash"), row=1, col=1,
                           annotation=dict(text=f"first outliers: layer {curve.first_layer}", font=dict(color=colour),
                                           yanchor="top", y=1 - 0.08 * index))
             fig.add_vline(x=curve.first_layer, line=dict(color=colour, dash="dash"), row=2, col=1)
     depth = max(c.count.size for c in curves)
+    tickvals, ticktext = log_decades([values for c in curves for _, values, _ in c.norm_lines()])
     fig.update_xaxes(range=[-0.5, depth - 0.5], dtick=1 if depth <= 24 else 2)
     fig.update_xaxes(title_text="layer (block index, 0-based)", row=2, col=1)
     fig.update_yaxes(title_text="% of patches", rangemode="tozero", row=1, col=1)
-    fig.update_yaxes(title_text="norm (log)", type="log", row=2, col=1)
-    fig.update_layout(height=height, margin=dict(l=60, r=10, t=40, b=50), legend=dict(orientation="h", y=-0.12, x=0))
+    fig.update_yaxes(title_text="L2 norm (log)", type="log", tickmode="array", tickvals=tickvals, ticktext=ticktext,
+                     range=[np.log10(tickvals[0]), np.log10(tickvals[-1])], showgrid=True,
+                     minor=dict(ticks="outside", ticklen=4, showgrid=True, gridcolor="rgba(0,0,0,0.06)", dtick="D1"),
+                     row=2, col=1)
+    fig.update_layout(height=height, margin=dict(l=60, r=10, t=40, b=50),
+                      legend=dict(orientation="h", y=-0.13, yanchor="top", x=0, groupclick="toggleitem"))
     return fig
 
 

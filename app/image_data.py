@@ -139,24 +139,43 @@ class EmergenceView:
 
 
 def emergence(request: Request, ref: str | None, threshold: float | None) -> EmergenceView:
-    """Per layer outlier count/share and max/median norm, for one image or the whole selection."""
+    """Per layer outlier count/share, max/median patch norm, CLS and mean register norm, for one
+    image or the whole selection (norms of CLS and registers: mean over the images)."""
     result = captured(request)
     indices = range(len(request.images)) if ref is None else [request.images.index(ref)]
     curves, rows = [], []
     for run in result.runs:
         found = [outliers_of(run, i, threshold) for i in indices]
-        grids = [run.traces[i].patch_norms() for i in indices]  # [layer, row, col] each
-        depth = min(g.shape[0] for g in grids)
+        traces = [run.traces[i] for i in indices]
+        depth = min(trace.num_layers for trace in traces)
         count = sum(f.counts[:depth] for f in found).astype(np.int64)
-        patches = sum(g[0].size for g in grids)
-        flat = np.concatenate([g[:depth].reshape(depth, -1) for g in grids], axis=1)  # [layer, token]
-        curve = EmergenceCurve(label=run.short, count=count, fraction=count / patches,
-                               norm_max=flat.max(axis=1), norm_median=np.median(flat, axis=1))
+        patches = sum(trace.layout.num_patches for trace in traces)
+        flat = np.concatenate([trace.norms[:depth, trace.layout.patches] for trace in traces], axis=1)  # [layer, patch]
+        cls_norm, register_norm = _prefix_norms(traces, depth)
+        curve = EmergenceCurve(label=run.short, count=count, fraction=count / patches, norm_max=flat.max(axis=1),
+                               norm_median=np.median(flat, axis=1), cls_norm=cls_norm, register_norm=register_norm)
         curves.append(curve)
         rows += [[run.name, run.weights, layer, int(count[layer]), float(curve.fraction[layer]),
-                  float(curve.norm_max[layer]), float(curve.norm_median[layer])] for layer in range(depth)]
-    table = Table(["model", "weights", "layer", "outliers", "fraction", "norm_max", "norm_median"], rows)
+                  float(curve.norm_max[layer]), float(curve.norm_median[layer]),
+                  None if cls_norm is None else float(cls_norm[layer]),
+                  None if register_norm is None else float(register_norm[layer])] for layer in range(depth)]
+    table = Table(["model", "weights", "layer", "outliers", "fraction", "norm_max", "norm_median", "cls_norm",
+                   "register_norm"], rows)
     return EmergenceView(curves=curves, table=table)
+
+
+def _prefix_norms(traces: Sequence[Trace], depth: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """CLS norm and mean register norm per layer, averaged over the traces; None where the model has none.
+
+    Returns:
+        CLS norms  # [layer]
+        and register norms  # [layer]
+    """
+    layout = traces[0].layout
+    cls = None if layout.cls_index is None else np.mean([t.norms[:depth, layout.cls_index] for t in traces], axis=0)
+    registers = (None if layout.num_registers == 0
+                 else np.mean([t.norms[:depth, layout.registers].mean(axis=1) for t in traces], axis=0))
+    return cls, registers
 
 
 @dataclass(frozen=True, eq=False)

@@ -263,6 +263,12 @@ def test_emergence_marks_the_planted_layer(weights_dir):
     _ok(at)
     figure = _figures(at)[0]
     assert any(f"first outliers: layer {PLANTED_LAYER}" in a.get("text", "") for a in figure["layout"]["annotations"])
+    lines = {f"{trace['legendgrouptitle']['text']}: {trace['name']}": _array(trace["y"]) for trace in figure["data"]}
+    plain, registers = (f"{TINY} (tiny_planted.safetensors)", f"{TINY_REG} (tiny_reg4.safetensors)")
+    assert f"{plain}: CLS norm" in lines and f"{plain}: mean register norm" not in lines
+    assert len(lines[f"{registers}: mean register norm"]) == 6 and len(lines[f"{registers}: CLS norm"]) == 6
+    assert lines[f"{plain}: max patch norm"][PLANTED_LAYER] > 5 * lines[f"{plain}: median patch norm"][PLANTED_LAYER]
+    assert figure["layout"]["yaxis2"]["type"] == "log"
 
 
 def test_attention_shows_cls_and_each_register(weights_dir):

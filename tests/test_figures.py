@@ -158,10 +158,28 @@ def test_emergence_marks_the_first_outlier_layer_of_each_model():
     lines = [shape for shape in fig.layout.shapes if shape.type == "line"]
     assert [(line.x0, line.x1, line.xref) for line in lines] == [(2, 2, "x"), (2, 2, "x2")]  # both panels
     assert [a.text for a in fig.layout.annotations if "first outliers" in a.text] == ["first outliers: layer 2"]
-    share = [t for t in fig.data if t.name == "plain"][0]
+    share = [t for t in fig.data if (t.legendgroup, t.name) == ("plain", "outlier share")][0]
     assert list(share.y) == [0, 0, 10, 20]
     assert list(fig.layout.xaxis2.range) == [-0.5, 3.5]
     assert fig.layout.yaxis2.type == "log"
+
+
+def test_emergence_names_model_and_statistic_and_ticks_every_decade():
+    """Every line's legend entry says model and statistic; CLS and register norms sit beside the patch
+    statistics only for the model that has them; the log axis is labelled at each power of ten."""
+    plain = EmergenceCurve("plain", np.zeros(3, int), np.zeros(3), np.array([8, 90, 400.0]), np.array([4, 6, 7.0]),
+                           cls_norm=np.array([5, 30, 60.0]))
+    reg = EmergenceCurve("reg4", np.zeros(3, int), np.zeros(3), np.array([9, 12, 20.0]), np.array([4, 6, 7.0]),
+                         cls_norm=np.array([5, 20, 40.0]), register_norm=np.array([3, 50, 0.8]))
+    fig = figures.emergence_figure([plain, reg])
+    names = [f"{t.legendgrouptitle.text}: {t.name}" for t in fig.data]
+    assert names == ["plain: outlier share", "plain: max patch norm", "plain: median patch norm", "plain: CLS norm",
+                     "reg4: outlier share", "reg4: max patch norm", "reg4: median patch norm", "reg4: CLS norm",
+                     "reg4: mean register norm"]
+    assert list(fig.data[-1].y) == [3, 50, 0.8] and "<extra>reg4</extra>" in fig.data[-1].hovertemplate
+    axis = fig.layout.yaxis2
+    assert axis.type == "log" and list(axis.tickvals) == [0.1, 1, 10, 100, 1000]
+    assert list(axis.ticktext) == ["0.1", "1", "10", "100", "1000"] and list(axis.range) == [-1, 3]
 
 
 def test_cls_attention_figure_shows_masses_in_percent():

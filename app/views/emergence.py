@@ -8,7 +8,8 @@ import ui
 
 st.title("Layer emergence")
 st.caption("Outliers appear in the middle layers of large models and stay to the last block. Top: outlier share "
-           "of patch tokens per layer; bottom: max (solid) and median (dotted) patch-token norm, log scale.")
+           "of patch tokens per layer; bottom (log scale): max and median patch-token norm beside the CLS norm and "
+           "the mean register norm. Colour is the model, line style the statistic (legend).")
 request = ui.page_request()
 result = ui.fetch(data.captured, request)
 ui.notes(result)
