@@ -14,11 +14,12 @@ import numpy as np
 import streamlit as st
 
 import figures
+import grid_image
 from captures import Captured, Request, captured, check_layer, outliers_of
 from choices import weights_label
 from figures import EmergenceCurve, NormHistogram, Overlay, Table
 from jobs import Job, boards, watch
-from uploads import display_uri, image_name
+from uploads import display_uri, image, image_name
 from vitlens.analysis.attention import (ClsOutlierAttention, attention_maps, cls_outlier_attention,
                                         input_outlier_mask, pool_attention_map)
 from vitlens.analysis.embedding import TokenEmbedding, token_embedding
@@ -70,6 +71,35 @@ def norm_maps(request: Request, ref: str, layer: int, post_norm: bool, threshold
                          float(value), bool(outliers.mask[row, col])])
     table = Table(["model", "weights", "image", "layer", "row", "col", "norm", "outlier"], rows)
     return NormMaps(overlays=overlays, outliers=found, table=table)
+
+
+def comparison_grid(request: Request, layer: int, threshold: float | None, shared_scale: bool, cell_px: int = 240,
+                    opacity: float = 0.6) -> grid_image.ComparisonGrid:
+    """Every chosen image (rows) by every model of the request at one layer, outliers outlined, drawable as
+    PNG or SVG. Columns: without registers, with trained registers, with a test-time register."""
+    runs = sorted(captured(request).runs, key=lambda run: (run.choice.register is not None, run.trained_registers > 0))
+    cells = []
+    for index, ref in enumerate(request.images):
+        picture = image(ref).image
+        row = []
+        for run in runs:
+            trace = run.traces[index]
+            check_layer(layer, trace.num_layers)
+            row.append(grid_image.GridCell(values=trace.patch_norms()[layer], mask=outliers_of(run, index, threshold).layer(layer).mask,
+                                           picture=picture))
+        cells.append(row)
+    scale = "one colour scale" if shared_scale else "one colour scale per model"
+    return grid_image.ComparisonGrid(
+        title=f"Token norms after block {layer} (pre-final-norm), {request.side} px input; outliers outlined; {scale}",
+        row_labels=[image_name(ref) for ref in request.images],
+        column_labels=[run.name for run in runs],
+        column_notes=[f"{weights_label(run.weights, run.trained_registers > 0)} · {run.num_registers} registers"
+                      for run in runs],
+        cells=cells, colorbar=f"token norm (pre-final-norm), layer {layer}", shared_scale=shared_scale,
+        aspects=[trace.input_size[0] / trace.input_size[1] for trace in runs[0].traces],
+        file_stem=grid_image.file_stem(["vitlens_norm_grid", "_vs_".join(run.name for run in runs),
+                                        f"layer{layer}", f"{request.side}px", "shared" if shared_scale else "split"]),
+        cell_px=cell_px, opacity=opacity)
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,6 +9,7 @@ auth.gate()  # with sign-in configured: only the sign-in page until signed in wi
 
 PAGES = [
     st.Page("views/norm_maps.py", title="Norm maps", icon=":material/grid_on:", url_path="norm_maps", default=True),
+    st.Page("views/grid.py", title="Comparison grid", icon=":material/view_module:", url_path="grid"),
     st.Page("views/histogram.py", title="Norm histogram", icon=":material/bar_chart:", url_path="histogram"),
     st.Page("views/emergence.py", title="Layer emergence", icon=":material/stacked_line_chart:", url_path="emergence"),
     st.Page("views/attention.py", title="Attention", icon=":material/visibility:", url_path="attention"),

@@ -213,6 +213,34 @@ def test_npz_download_holds_the_cli_arrays_of_every_model_and_image(weights_dir)
     assert not arrays["m1_i0_outliers"].any()
 
 
+def test_comparison_grid_puts_models_in_columns_and_downloads_that_grid(weights_dir):
+    """Rows are images, columns the models without registers first; the PNG shown and the SVG download
+    outline the planted cells in the first column only."""
+    import io
+    import sys
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    at = _planted_app(weights_dir, images="cat")  # the uploaded square picture, then cat
+    at.multiselect(key="images").set_value(at.multiselect(key="images").value + ["cat"]).run()
+    at.switch_page("views/grid.py").run()
+    _ok(at)
+    assert [b.label for b in at.get("download_button")] == ["Grid (PNG)", "Grid (SVG)"]
+    assert len(at.get("image")) == 1
+    image_data, grid_image = sys.modules["image_data"], sys.modules["grid_image"]
+    grid = image_data.comparison_grid(at.session_state["request"], 4, None, True)
+    assert grid.shape == (2, 2) and grid.column_labels == [TINY, TINY_REG]
+    assert grid.file_stem == f"vitlens_norm_grid_{TINY}_vs_{TINY_REG}_layer4_{TINY_SIDE}px_shared"
+    png = Image.open(io.BytesIO(grid_image.to_png(grid)))
+    plan = grid_image.layout(grid)
+    assert png.size == (2 * plan.width, 2 * plan.height) and [len(row) for row in plan.cell_boxes] == [2, 2]
+    outlines = [r for r in ET.fromstring(grid_image.to_svg(grid)).iter("{http://www.w3.org/2000/svg}rect")
+                if r.get("stroke") == sys.modules["figures"].OUTLINE]
+    x, _, w, _ = plan.cell_boxes[0][0]
+    assert len(outlines) >= len(PLANTED_CELLS) and all(x <= float(r.get("x")) < x + w for r in outlines)
+
+
 def test_histogram_says_why_and_thresholds_each_image_separately(weights_dir):
     at = _planted_app(weights_dir)
     at.switch_page("views/histogram.py").run()
