@@ -441,14 +441,15 @@ def cls_attention_figure(items: Sequence[tuple[str, ClsOutlierAttention]], layer
 
 
 def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], title: str = "", height: int = 560,
-                     highlight: tuple[int, int, int] | None = None) -> go.Figure:
+                     highlight: tuple[int, int, int] | None = None, width: int | None = None) -> go.Figure:
     """Patch tokens (normal / outlier) and prefix tokens (CLS, registers) in 2-D.
 
     With several images, normal patches are coloured by image and every patch point's symbol
     names its image; outliers stay red (larger, dark edge) whatever the image. CLS (star) and
     the registers (diamonds) are drawn last, CLS on top. Every patch point carries
     ``[image index, row, col, norm, image name]`` as customdata, so a hover or a click tells
-    which image and cell it is. ``highlight`` (image, row, col) rings one point.
+    which image and cell it is. ``highlight`` (image, row, col) rings one point. ``width``: pixels
+    (None: the container's); axis titles say when the tokens were scaled to unit length.
     """
     fig = go.Figure()
     names = np.array(list(image_names), dtype=object)
@@ -483,7 +484,10 @@ def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], titl
     titles = [f"{axis}{i + 1}" for i in range(2)]
     if embedding.explained is not None:
         titles = [f"{t} ({e:.0%} of variance)" for t, e in zip(titles, embedding.explained)]
-    fig.update_layout(title=dict(text=title) if title else None, height=height, margin=dict(l=60, r=10, t=60 if title else 20, b=50),
+    if embedding.normalized:
+        titles = [f"{t}, unit-length tokens" for t in titles]
+    fig.update_layout(title=dict(text=title) if title else None, height=height, width=width,
+                      margin=dict(l=60, r=10, t=60 if title else 20, b=50),
                       legend=dict(orientation="h", y=-0.12, x=0), xaxis_title=titles[0], yaxis_title=titles[1])
     return fig
 

@@ -290,46 +290,77 @@ def state_layers_for(result: Captured, layer: int) -> tuple[int, ...]:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _pca(ids: tuple[str, ...], layer: int, threshold: float | None, _traces: tuple[Trace, ...]) -> TokenEmbedding:
-    return token_embedding(list(_traces), layer, "pca", threshold)
+def _pca(ids: tuple[str, ...], layer: int, threshold: float | None, normalize: bool,
+         _traces: tuple[Trace, ...]) -> TokenEmbedding:
+    return token_embedding(list(_traces), layer, "pca", threshold, normalize=normalize)
 
 
 @dataclass(frozen=True, eq=False)
 class EmbeddingView:
     label: str
+    weights: str  # what the weights are, in words
     embedding: TokenEmbedding
     image_names: list[str]
     image_refs: list[str]
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingViews:
+    """One embedding per model of the request (drawn side by side) and the numbers of all of them."""
+
+    views: list[EmbeddingView]
     table: Table
 
 
-def embedding(request: Request, layer: int, method: str, threshold: float | None, model_index: int = 0) -> EmbeddingView:
-    """PCA (instant) or UMAP (background job) of one layer's tokens of one model over the chosen images."""
+def embeddings(request: Request, layer: int, method: str, threshold: float | None, normalize: bool) -> EmbeddingViews:
+    """PCA (instant) or UMAP (background jobs, all queued at once) of one layer's tokens over the chosen
+    images, for every model of the request; ``normalize``: unit-length tokens first (cosine geometry)."""
     plain = captured(request)
     check_layer(layer, plain.num_layers)
-    model_index = min(model_index, len(request.models) - 1)
     result = captured(request, state_layers_for(plain, layer))
-    run = result.runs[model_index]
     if method == "pca":
-        found = _pca(run.ids, layer, threshold, run.traces)
+        found = [_pca(run.ids, layer, threshold, normalize, run.traces) for run in result.runs]
     else:
         board = boards()["analysis"]
-        job = watch(board.run(f"umap|{run.ids}|{layer}|{threshold}", f"UMAP of {run.name} layer {layer}",
-                              lambda job: _umap(job, run.traces, layer, threshold)))
-        found = board.result(job)
+        jobs = [watch(board.run(f"umap|{run.ids}|{layer}|{threshold}|{normalize}", f"UMAP of {run.name} layer {layer}",
+                                lambda job, run=run: _umap(job, run.traces, layer, threshold, normalize)))
+                for run in result.runs]
+        found = [board.result(job) for job in jobs]
     names = [image_name(ref) for ref in request.images]
-    rows = [[run.name, names[i], r, c, float(n), bool(o), float(x), float(y)]
-            for i, r, c, n, o, (x, y) in zip(found.image, found.row, found.col, found.norm, found.outlier, found.coords)]
-    rows += [[run.name, names[i], None, None, None, name, float(x), float(y)]
-             for i, name, (x, y) in zip(found.prefix_image, found.prefix_names, found.prefix_coords)]
+    rows = []
+    for run, emb in zip(result.runs, found):
+        rows += [[run.name, names[i], r, c, float(n), bool(o), float(x), float(y)]
+                 for i, r, c, n, o, (x, y) in zip(emb.image, emb.row, emb.col, emb.norm, emb.outlier, emb.coords)]
+        rows += [[run.name, names[i], None, None, None, name, float(x), float(y)]
+                 for i, name, (x, y) in zip(emb.prefix_image, emb.prefix_names, emb.prefix_coords)]
     table = Table(["model", "image", "row", "col", "norm", "outlier_or_token", "x", "y"], rows)
-    return EmbeddingView(label=run.label, embedding=found, image_names=names, image_refs=list(request.images), table=table)
+    views = [EmbeddingView(label=run.name, weights=weights_label(run.weights, run.trained_registers > 0), embedding=emb, image_names=names, image_refs=list(request.images))
+             for run, emb in zip(result.runs, found)]
+    return EmbeddingViews(views=views, table=table)
 
 
-def _umap(job: Job, traces: tuple[Trace, ...], layer: int, threshold: float | None) -> TokenEmbedding:
+def picked_cell(request: Request, layer: int, threshold: float | None,
+                picked: tuple[int, int, int, int] | None) -> Overlay | None:
+    """The norm map of the clicked point's model and image with only its cell outlined; None when
+    nothing is picked (or the pick no longer fits the request)."""
+    if picked is None or len(picked) != 4 or picked[0] >= len(request.models) or picked[1] >= len(request.images):
+        return None
+    model, image_index, row, col = picked
+    ref = request.images[image_index]
+    overlay = norm_maps(request, ref, layer, False, threshold).overlays[model]
+    if not (0 <= row < overlay.grid[0] and 0 <= col < overlay.grid[1]):
+        return None
+    mask = np.zeros_like(overlay.mask)
+    mask[row, col] = True
+    name = captured(request).runs[model].label
+    return Overlay(title=f"{name}<br><sup>{image_name(ref)}: row {row}, col {col} (layer {layer})</sup>",
+                   values=overlay.values, image=overlay.image, mask=mask, colorbar=overlay.colorbar)
+
+
+def _umap(job: Job, traces: tuple[Trace, ...], layer: int, threshold: float | None, normalize: bool) -> TokenEmbedding:
     points = sum(trace.layout.num_tokens for trace in traces)
     job.report(0, 0, f"UMAP of {points} tokens (the first run also compiles UMAP, about half a minute)")
-    return token_embedding(list(traces), layer, "umap", threshold)
+    return token_embedding(list(traces), layer, "umap", threshold, normalize=normalize)
 
 
 def trace_npz(request: Request, threshold: float | None = None) -> bytes:

@@ -31,7 +31,7 @@ WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "synthetic": "synthe
                 "sweep": "checkpoint of a sweep (Training page)"}
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "per_image_threshold", "embed_method",
-             "embed_model", "emergence_scope", "figure_format", "shared_scale", "norm_scale_shared",
+             "embed_normalize", "emergence_scope", "figure_format", "shared_scale", "norm_scale_shared",
              "register_init", "register_patches", "test_time_register", "neuron_detector", "neuron_max_layer",
              "neuron_top", "neuron_sparse", "sink_layers", "results_folder", "compare_folder", "training_model",
              "training_layers", "dataset_series", "dataset_layers", "grid_cell")  # page widgets whose values follow the user
@@ -448,9 +448,10 @@ def page_request() -> data.Request:
     return request
 
 
-def fetch(fn: Callable[..., T], *args, while_waiting: Callable[[], None] | None = None, **kwargs) -> T:
-    """Call a data function; while it is pending show progress and a cancel button; errors become one message."""
-    area = None
+def fetch(fn: Callable[..., T], *args, while_waiting: Callable[[], None] | None = None, area=None, **kwargs) -> T:
+    """Call a data function; while it is pending show progress and a cancel button (in ``area``, a placeholder
+    the page draws into afterwards, so no stale element stays under the new one; else a new one); errors become
+    one message."""
     while True:
         try:
             result = fn(*args, **kwargs)

@@ -72,3 +72,25 @@ def test_umap_keeps_planted_outliers_together():
     out, normal = result.coords[result.outlier], result.coords[~result.outlier]
     spread = np.linalg.norm(normal - normal.mean(axis=0), axis=1).mean()
     assert np.linalg.norm(out.mean(axis=0) - normal.mean(axis=0)) > spread
+
+
+def test_normalized_pca_compares_directions_where_raw_pca_sorts_by_norm():
+    """Patch tokens along one direction with norms from 1 to 30, two along another with norm 10: raw PCA's
+    first axis follows the norm; on unit vectors the first axis splits the two directions and the rest collapse."""
+    from dataclasses import replace
+
+    trace = synthetic_trace(grid=(3, 4), num_registers=0, num_layers=1)
+    tokens = trace.layout.num_tokens
+    vectors = np.zeros((tokens, 8), dtype=np.float32)
+    vectors[:, 0] = np.linspace(1, 30, tokens)
+    other = [trace.layout.num_prefix + 5, trace.layout.num_prefix + 6]
+    vectors[other] = 0.0
+    vectors[other, 1] = 10.0
+    trace = replace(trace, states={0: vectors.astype(np.float16)})
+    raw = token_embedding([trace], layer=0, include_prefix=False)
+    unit = token_embedding([trace], layer=0, include_prefix=False, normalize=True)
+    same = np.ones(raw.num_points, dtype=bool)
+    same[[5, 6]] = False
+    assert abs(np.corrcoef(raw.coords[same, 0], vectors[trace.layout.patches][same, 0])[0, 1]) > 0.99
+    assert unit.normalized and not raw.normalized
+    assert np.ptp(unit.coords[same, 0]) < 1e-3 and abs(unit.coords[~same, 0].mean() - unit.coords[same, 0].mean()) > 0.5

@@ -343,18 +343,37 @@ def test_a_model_without_registers_in_the_attention_view_says_so(weights_dir):
     assert len(_figures(at)[0]["layout"]["annotations"]) == 1  # CLS only
 
 
-def test_embedding_colours_planted_outliers_and_a_click_shows_the_cell(weights_dir):
+def test_embedding_shows_both_models_side_by_side_and_a_picked_cell(weights_dir):
     at = _planted_app(weights_dir)
     at.switch_page("views/embedding.py").run()
     _ok(at)
-    figure = _figures(at)[0]
-    outliers = [t for t in figure["data"] if t["name"] == "outlier patch"][0]
+    plain, registers = _figures(at)
+    outliers = [t for t in plain["data"] if t["name"] == "outlier patch"][0]
     cells = {(int(c[1]), int(c[2])) for c in outliers["customdata"] if c[4] == "square.png"}
     assert cells == set(PLANTED_CELLS)
-    assert [t["name"] for t in figure["data"]][:3] == ["normal patch", "outlier patch", "CLS"]
-    at.radio(key="embed_model").set_value(1).run()
+    assert [t["name"] for t in plain["data"]][:3] == ["normal patch", "outlier patch", "CLS"]
+    assert "registers" in [t["name"] for t in registers["data"]] and TINY_REG in _title(registers)
+    assert not [t for t in registers["data"] if t["name"] == "outlier patch"][0].get("customdata")
+    at.session_state["picked_point"] = (1, 0, *PLANTED_CELLS[0])  # what a click on the second plot stores
+    at.run()
     _ok(at)
-    assert "registers" in [t["name"] for t in _figures(at)[0]["data"]]
+    *plots, detail = _figures(at)
+    assert _outlined(detail) == {PLANTED_CELLS[0]} and TINY_REG in _title(detail)
+    assert all(any(t["name"] == "selected" for t in plot["data"]) for plot in plots)  # ringed in both
+
+
+def test_unit_length_tokens_change_the_embedding_and_say_so(weights_dir):
+    at = _planted_app(weights_dir)
+    at.switch_page("views/embedding.py").run()
+    raw = _figures(at)[0]
+    at.toggle(key="embed_normalize").set_value(True).run()
+    _ok(at)
+    unit = _figures(at)[0]
+    assert unit["layout"]["xaxis"]["title"]["text"].endswith("unit-length tokens")
+    assert "unit-length tokens" in _title(unit) and "unit-length" not in raw["layout"]["xaxis"]["title"]["text"]
+    first = lambda figure: _array([t for t in figure["data"] if t["name"] == "normal patch"][0]["x"])
+    assert not np.allclose(first(raw), first(unit))
+    assert [b for b in at.get("download_button") if b.label == "Numbers (CSV)"]
 
 
 @pytest.mark.slow
@@ -363,8 +382,8 @@ def test_umap_runs_in_the_background_and_then_shows(weights_dir):
     at.switch_page("views/embedding.py").run()
     at.radio(key="embed_method").set_value("umap").run(timeout=300)
     _ok(at)
-    figure = _figures(at)[-1]
-    assert figure["layout"]["xaxis"]["title"]["text"] == "UMAP 1"
+    plain, registers = _figures(at)[-2:]
+    assert plain["layout"]["xaxis"]["title"]["text"] == "UMAP 1" and TINY_REG in _title(registers)
 
 
 def test_bad_upload_gives_one_sentence_and_the_good_one_works(weights_dir):

@@ -1,5 +1,4 @@
-"""Token embedding: PCA or UMAP of one layer's tokens over the chosen images, outliers coloured."""
-import numpy as np
+"""Token embedding: PCA or UMAP of one layer's tokens over the chosen images, every model side by side, outliers coloured."""
 import streamlit as st
 
 import data
@@ -9,53 +8,57 @@ import ui
 
 st.title("Token embedding")
 st.caption("Each point is a token of the chosen layer in one of the chosen images (with several images, colour and "
-           "symbol tell the image; outliers are red). Outliers carry global information and gather away from the "
-           "local patch tokens, near CLS; registers take their place.")
+           "symbol tell the image; outliers are red), one plot per model. Outliers carry global information and gather "
+           "away from the local patch tokens, near CLS; registers take their place. On raw vectors PCA mostly sorts "
+           "tokens by norm; with unit-length tokens (cosine) only their directions count.")
 request = ui.page_request()
 result = ui.fetch(data.captured, request)
 ui.notes(result)
 
 st.session_state.setdefault("embed_method", "pca")
-controls = st.columns([4, 2, 3])
+st.session_state.setdefault("embed_normalize", False)
+controls = st.columns([4, 3, 3])
 with controls[0]:
     layer = ui.layer_slider(result.num_layers)
 with controls[1]:
     method = st.radio("Method", ["pca", "umap"], key="embed_method", horizontal=True,
                       format_func=lambda m: "PCA (instant)" if m == "pca" else "UMAP (seconds)")
 with controls[2]:
-    labels = [run.label for run in result.runs]
-    if st.session_state.get("embed_model") not in range(len(labels)):
-        st.session_state["embed_model"] = 0
-    model_index = st.radio("Model", range(len(labels)), format_func=labels.__getitem__, key="embed_model")
+    normalize = st.toggle("Unit-length tokens (cosine)", key="embed_normalize",
+                          help="Scale every token vector to norm 1 before PCA/UMAP (UMAP then uses the cosine metric, "
+                               "else the Euclidean one), so that where a token lands depends on its direction, not its norm.")
 
 
-def draw(view: image_data.EmbeddingView, key: str, note: str = "") -> object:
-    selected = st.session_state.get("picked_point")
-    fig = figures.embedding_figure(view.embedding, view.image_names, title=f"{view.label}, layer {layer}{note}",
-                                   highlight=selected)
-    return ui.chart(fig, key=key, on_select="rerun", selection_mode="points")
+def pick(key: str, model: int) -> None:
+    """Remember the last clicked patch point (model, image, row, col) of any plot."""
+    points = [p for p in st.session_state[key].selection.get("points", []) if len(p.get("customdata") or []) == 5]
+    if points:
+        st.session_state["picked_point"] = (model, *(int(v) for v in points[0]["customdata"][:3]))
 
 
-pca = ui.fetch(image_data.embedding, request, layer, "pca", ui.threshold(), model_index)
-if method == "pca":
-    view = pca
-else:
-    view = ui.fetch(image_data.embedding, request, layer, "umap", ui.threshold(), model_index,
-                    while_waiting=lambda: draw(pca, "embedding-waiting", " (PCA while UMAP runs)"))
-event = draw(view, f"embedding-{method}")
-points = [p for p in (event.selection.get("points", []) if event else []) if len(p.get("customdata") or []) == 5]
-if points:
-    image_index, row, col = (int(v) for v in points[0]["customdata"][:3])
-    st.session_state["picked_point"] = (image_index, row, col)
-    ref = view.image_refs[image_index]
-    norm_maps = ui.fetch(image_data.norm_maps, request, ref, layer, False, ui.threshold())
-    overlay = norm_maps.overlays[model_index]
-    mask = np.zeros_like(overlay.mask)
-    mask[row, col] = True
-    detail = figures.Overlay(title=f"{data.image_name(ref)}: row {row}, col {col} (layer {layer})", values=overlay.values,
-                             image=overlay.image, mask=mask, colorbar=overlay.colorbar)
+def draw(views: image_data.EmbeddingViews, suffix: str, note: str = "") -> None:
+    """One plot per model, side by side."""
+    picked = st.session_state.get("picked_point")
+    width = ui.MAIN_WIDTH // len(views.views) - 16
+    for index, (column, view) in enumerate(zip(st.columns(len(views.views)), views.views)):
+        fig = figures.embedding_figure(view.embedding, view.image_names, highlight=picked and picked[1:], width=width,
+                                       title=f"{view.label}<br><sup>{view.weights} · layer {layer}{note}</sup>")
+        with column:
+            key = f"embedding-{index}-{suffix}"
+            ui.chart(fig, key=key, on_select=lambda key=key, index=index: pick(key, index), selection_mode="points")
+
+
+slot = st.empty()  # the one plot area: waiting, the PCA while UMAP runs, then the result replace each other
+threshold = ui.threshold()
+pca = ui.fetch(image_data.embeddings, request, layer, "pca", threshold, normalize, area=slot)
+views = pca if method == "pca" else ui.fetch(image_data.embeddings, request, layer, "umap", threshold, normalize, area=slot,
+                                             while_waiting=lambda: draw(pca, "waiting", " · PCA while UMAP runs"))
+with slot.container():
+    draw(views, method, " · unit-length tokens" if normalize else "")
+detail = ui.fetch(image_data.picked_cell, request, layer, threshold, st.session_state.get("picked_point"))
+if detail is not None:
     with st.columns(2)[0]:
         ui.chart(figures.overlay_figure(detail, 0.5, width=ui.MAIN_WIDTH // 2 - 16), key="embedding-cell")
 else:
-    st.caption("Hover a point to see its image and cell; click it to show the cell on its image.")
-ui.download_table(view.table, f"embedding_{method}_layer{layer}.csv")
+    st.caption("Hover a point to see its image and cell; click it to show the cell on its image (and ring it in every plot).")
+ui.download_table(views.table, f"embedding_{method}{'_unit' if normalize else ''}_layer{layer}.csv")

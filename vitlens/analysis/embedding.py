@@ -3,8 +3,10 @@
 The vectors are ``Trace.states[layer]`` (block outputs before the final norm), so the traces must
 have been captured with that layer in ``state_layers``. Patch tokens and prefix tokens (CLS,
 registers) are embedded together and returned separately, each point with where it came from.
-PCA works on the centred vectors and is instant; UMAP uses the cosine metric (so the sheer norm of
-an outlier does not decide where it lands) and takes seconds.
+PCA works on the centred vectors and is instant; UMAP takes seconds. On raw vectors PCA mostly
+sorts tokens by norm (an outlier's norm is ten times its neighbours'); with ``normalize`` every
+token is scaled to unit length first, so both methods compare directions only (cosine geometry:
+UMAP then uses the cosine metric, else the Euclidean one).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class TokenEmbedding:
         prefix_image: Index of each prefix token's trace.  # [prefix point]
         prefix_names: ``cls``, ``reg0``, ... of each prefix point.
         explained: PCA's explained variance ratio of the two axes; None for UMAP.  # [2]
+        normalized: Whether the vectors were scaled to unit length first (cosine geometry).
     """
 
     method: str
@@ -52,6 +55,7 @@ class TokenEmbedding:
     prefix_image: np.ndarray
     prefix_names: list[str]
     explained: np.ndarray | None = None
+    normalized: bool = False
 
     @property
     def num_points(self) -> int:
@@ -79,6 +83,7 @@ def token_embedding(
         threshold: float | None = None,
         include_prefix: bool = True,
         seed: int = 0,
+        normalize: bool = False,
 ) -> TokenEmbedding:
     """Embed the tokens of one layer of several images in 2-D.
 
@@ -89,6 +94,8 @@ def token_embedding(
         threshold: Outlier norm threshold, or None for each image's ``auto`` threshold.
         include_prefix: Embed CLS and the registers too.
         seed: UMAP's random state (PCA is deterministic up to sign, which is fixed).
+        normalize: Scale every token vector to unit L2 norm first (cosine geometry), so
+            directions, not norms, decide where tokens land.
 
     Raises:
         OptionError: unknown method, no traces, states missing, mixed widths, too few points.
@@ -100,10 +107,12 @@ def token_embedding(
     if -traces[0].num_layers <= layer < 0:
         layer %= traces[0].num_layers
     patches, prefixes = _gather(traces, layer, include_prefix)
-    vectors = np.concatenate([patches["vectors"], prefixes["vectors"]])
+    vectors = np.concatenate([patches["vectors"], prefixes["vectors"]])  # [point, channel]
+    if normalize:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     norms_grids = [trace.patch_norms()[layer] for trace in traces]
     outlier = np.concatenate([find_outliers(grid, threshold).mask.ravel() for grid in norms_grids])
-    coords, explained = (_pca(vectors) if method == "pca" else (_umap(vectors, seed), None))
+    coords, explained = (_pca(vectors) if method == "pca" else (_umap(vectors, seed, "cosine" if normalize else "euclidean"), None))
     count = patches["vectors"].shape[0]
     return TokenEmbedding(
         method=method,
@@ -118,6 +127,7 @@ def token_embedding(
         prefix_image=prefixes["image"],
         prefix_names=prefixes["names"],
         explained=explained,
+        normalized=normalize,
     )
 
 
@@ -164,11 +174,11 @@ def _pca(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (centred @ components.T).astype(np.float32), explained
 
 
-def _umap(vectors: np.ndarray, seed: int) -> np.ndarray:
+def _umap(vectors: np.ndarray, seed: int, metric: str) -> np.ndarray:
     if vectors.shape[0] < MIN_UMAP_POINTS:
         raise OptionError(f"UMAP needs at least {MIN_UMAP_POINTS} tokens; use PCA for {vectors.shape[0]}.")
     import umap  # slow import (numba); only when asked for
 
     reducer = umap.UMAP(n_components=2, n_neighbors=min(15, vectors.shape[0] - 1), min_dist=0.1,
-                        metric="cosine", random_state=seed, n_jobs=1)
+                        metric=metric, random_state=seed, n_jobs=1)
     return reducer.fit_transform(vectors).astype(np.float32)
