@@ -25,6 +25,7 @@ GAP = 10  # pixels between cells
 BAR_HEIGHT = 12
 TITLE_SIZE, HEADER_SIZE, NOTE_SIZE, LABEL_SIZE, TICK_SIZE = 16, 14, 11, 12, 11
 MAX_LABEL_PX = 170  # row labels wrap within this width
+GRID_CELLS = (160, 200, 240, 320, 400)  # cell widths (px) the page offers
 FONT_FAMILY = "DejaVu Sans, Arial, Helvetica, sans-serif"
 SVG_FONT_SLACK = 1.15  # the SVG viewer's sans-serif runs up to this much wider than Pillow's font, which measures
 

@@ -2,9 +2,9 @@
 
 A link holds everything a teammate needs to see the same view: the sidebar (model, weights, side,
 images, threshold, compare) and each page's widgets (layer, head, focused image, colour scales,
-opacity, post-norm, embedding method and model, histogram layers...). Reading is strict and never
-raises: a value that does not parse, or lies outside its range, is left out (the widget keeps its
-default) and named in one message. Widgets that need the request to validate a value (a head the
+opacity, post-norm, embedding method and unit-length tokens, grid cell width, heads query, histogram
+layers...). Reading is strict and never raises: a value that does not parse, or lies outside its
+range, is left out (the widget keeps its default) and named in one message. Widgets that need the request to validate a value (a head the
 model has, an image of the view) do that on their page, as they do for values the user set.
 
 Streamlit turns every change of ``st.query_params`` into a browser history entry, so the URL is
@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
+
+from grid_image import GRID_CELLS
 
 MAX_INDEX = 4096  # no model has more blocks or heads
 MAX_TEXT = 200  # characters of a name (image reference, results folder) read from a link
@@ -80,6 +82,14 @@ def _one_of(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _whole_of(values: tuple[int, ...]) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if text not in {str(value) for value in values}:
+            raise ValueError(text)
+        return int(text)
+    return parse
+
+
 def _name(text: str) -> str:
     if len(text) > MAX_TEXT:
         raise ValueError(text[:40])
@@ -118,7 +128,9 @@ FIELDS = (
     Field("per_image_threshold", "per_image_threshold", _flag, _flag_text),
     Field("emergence_scope", "emergence_images", _name),
     Field("embed_method", "embed_method", _one_of("pca", "umap")),
-    Field("embed_model", "embed_model", _whole(0, MAX_INDEX)),
+    Field("embed_normalize", "embed_unit", _flag, _flag_text),
+    Field("grid_cell", "grid_cell", _whole_of(GRID_CELLS)),
+    Field("heads_query", "heads_query", _name),
     Field("figure_format", "format", _one_of("png", "svg")),
 )
 

@@ -30,14 +30,14 @@ def _ok(at: AppTest) -> None:
 
 def test_fields_read_what_they_write_and_refuse_the_rest():
     state = dict(head=3, opacity=0.35, post_norm=True, norm_scale_shared=False, extra_layers=[1, 4], focus_image="cat",
-                 embed_method="umap", embed_model=1, layer=7)
+                 embed_method="umap", embed_normalize=True, layer=7, grid_cell=320, heads_query="reg2")
     values, bad = links.read(links.write(state))
     assert values == state and bad == []
-    hostile = dict(head="-1", opacity="nan", post_norm="yes", hist_layers="1,x", embed_method="tsne", embed_model="9" * 5000,
+    hostile = dict(head="-1", opacity="nan", post_norm="yes", hist_layers="1,x", embed_method="tsne", embed_unit="9" * 5000,
                    image="x" * 10_000, layer="1e3", log_y="", format="svg")
     values, bad = links.read(hostile)
     assert values == {"figure_format": "svg"}
-    assert bad == ["layer", "image", "head", "opacity", "post_norm", "hist_layers", "embed_method", "embed_model"]
+    assert bad == ["layer", "image", "head", "opacity", "post_norm", "hist_layers", "embed_method", "embed_unit"]
     assert links.read({"opacity": "0.33", "head": "mean"})[0] == {"opacity": 0.35, "head": "mean"}  # on the slider's steps
 
 
@@ -55,7 +55,7 @@ def test_a_link_reproduces_the_view_set_on_every_page():
     at.multiselect(key="extra_layers").set_value([1, 2]).run()
     at.toggle(key="log_y").set_value(False).run()
     at.switch_page("views/embedding.py").run()
-    at.radio(key="embed_model").set_value(1).run()
+    at.toggle(key="embed_normalize").set_value(True).run()
     _ok(at)
 
     teammate = _app(**at.query_params).run()  # a fresh session opens the link on the first page
@@ -69,12 +69,12 @@ def test_a_link_reproduces_the_view_set_on_every_page():
     assert teammate.multiselect(key="extra_layers").value == [1, 2] and not teammate.toggle(key="log_y").value
     teammate.switch_page("views/embedding.py").run()
     _ok(teammate)
-    assert teammate.radio(key="embed_model").value == 1
+    assert teammate.toggle(key="embed_normalize").value
     assert dict(teammate.query_params) == dict(at.query_params)
 
 
 def test_garbled_view_values_get_one_message_and_their_defaults():
-    at = _app(**LINK, head="-1", opacity="nan", post_norm="yes", hist_layers="1,x", embed_model="9" * 5000,
+    at = _app(**LINK, head="-1", opacity="nan", post_norm="yes", hist_layers="1,x", embed_unit="9" * 5000,
               image="../../etc/passwd", norm_scale_shared="2").run()
     assert not at.exception and not at.error
     (warning,) = [w.value for w in at.warning if "not understood" in w.value]

@@ -23,7 +23,7 @@ with controls[0]:
 with controls[1]:
     opacity = st.slider("Heat-map opacity", 0.0, 1.0, step=0.05, key="opacity")
 with controls[2]:
-    cell = st.select_slider("Cell width (px)", [160, 200, 240, 320, 400], key="grid_cell")
+    cell = st.select_slider("Cell width (px)", grid_image.GRID_CELLS, key="grid_cell")
 with controls[3]:
     shared = st.toggle("One colour scale for all models", key="norm_scale_shared",
                        help="On: the same colour means the same norm in every cell. Off: one scale per model (column).")
