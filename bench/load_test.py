@@ -560,6 +560,7 @@ def _closed_tab(browser, client: Client, url: str, args: argparse.Namespace, rep
         time.sleep(0.2)
         status = client.queue.status(job_id)
     report["closed_tab"] = {"job_state": status.state, "images_done": f"{status.done} of {status.total}",
+                            "started_on_a_worker": status.attempts > 0,
                             "ended_s_after_close": round(time.monotonic() - closed, 1), "reason": status.message}
     if status.state == CANCELLED:  # the worker stops at the end of the batch it is in
         stopped = _worker_stopped_at(args.work / "logs", closed_at, closed_at + args.timeout)
