@@ -14,6 +14,7 @@ import streamlit as st
 
 from choices import (NAMED_WEIGHTS, SWEEP_WEIGHTS_PREFIX, WEIGHTS_FILE_PREFIX, WEIGHTS_UPLOAD_PREFIX, sweep_checkpoint,
                      weights_id, weights_label, weights_path)
+from figures import model_colours, role_of, role_rank
 from jobs import Job, boards, watch
 from resources import engine, settings
 from uploads import image
@@ -106,6 +107,11 @@ class ModelRun:
         return " with test-time register" if self.choice.register else ""
 
     @property
+    def role(self) -> str:
+        """Its role in the comparison (``figures.ROLES``), which fixes where it is drawn and its colour."""
+        return role_of(self.trained_registers, self.choice.register is not None)
+
+    @property
     def num_registers(self) -> int:
         """Registers in the token sequence, a test-time register included."""
         return self.traces[0].layout.num_registers
@@ -132,10 +138,21 @@ class ModelRun:
 
 @dataclass(frozen=True, eq=False)
 class Captured:
-    """The traces of a request: one ``ModelRun`` per model."""
+    """The traces of a request: one ``ModelRun`` per model, in drawing order (``in_drawing_order``), which is not
+    the request's: the sidebar's own model is ``primary``."""
 
     request: Request
     runs: tuple[ModelRun, ...]
+
+    @property
+    def primary(self) -> ModelRun:
+        """The run of the sidebar's model (``request.models[0]``)."""
+        return next(run for run in self.runs if run.choice == self.request.models[0])
+
+    @property
+    def colours(self) -> list[str]:
+        """Each run's colour: its role's, the same on every page (``figures.model_colours``)."""
+        return model_colours([run.role for run in self.runs])
 
     @property
     def num_layers(self) -> int:
@@ -259,7 +276,14 @@ def _capture(request: Request, state_layers: tuple[int, ...], job: Job) -> Captu
         ids = tuple(f"{choice.name}|{weights_id(weights)}{register}|{image.digest}|{request.side}|{state_layers}"
                     for image in images)
         runs.append(ModelRun(choice=choice, weights=weights, note=note, traces=tuple(traces), ids=ids))
-    return Captured(request=request, runs=tuple(runs))
+    return Captured(request=request, runs=in_drawing_order(runs))
+
+
+def in_drawing_order(runs: Sequence[ModelRun]) -> tuple[ModelRun, ...]:
+    """Runs in the order every page draws them, whichever model the sidebar names: without registers first
+    (left), then with registers, then with a test-time register (``figures.ROLES``); the request's order
+    within a role."""
+    return tuple(sorted(runs, key=lambda run: role_rank(run.role)))
 
 
 def _offline_traces(images: Sequence[DecodedImage], name: str, options: CaptureOptions,

@@ -44,15 +44,15 @@ def redundancy_view(request: Request, ref: str, layer: int, threshold: float | N
     result = captured(request)
     index = request.images.index(ref)
     overlays, results, rows = [], [], []
-    for run in result.runs:
+    for run, colour in zip(result.runs, result.colours):
         check_layer(layer, run.num_layers)
         masks = [outliers_of(run, i, threshold).masks[layer] for i in range(len(run.traces))]
         trace, mask = run.traces[index], masks[index]
         uri = display_uri(ref, trace)
         overlays.append((Overlay(f"{run.short}<br><sup>norms, layer {layer}</sup>", trace.patch_norms()[layer], uri, mask,
-                                 norm_label(False)),
+                                 norm_label(False), colour=colour),
                          Overlay(f"{run.short}<br><sup>neighbour similarity (patch embedding)</sup>", trace.neighbor_similarity,
-                                 uri, mask, "cosine similarity", "similarity")))
+                                 uri, mask, "cosine similarity", "similarity", colour=colour)))
         found = redundancy([t.neighbor_similarity for t in run.traces], masks)
         results.append((run.short, found))
         rows.append([run.name, run.weights, layer, *found.summary().values()])
@@ -170,8 +170,8 @@ def _lost(request: Request, models: list[tuple[str, str, str]], ref: str, layer:
 
 
 def report_html(request: Request, layer: int, threshold: float | None) -> bytes:
-    """The HTML report of the first model on the request's images (a background job)."""
-    run = captured(request).runs[0]
+    """The HTML report of the sidebar's model on the request's images (a background job)."""
+    run = captured(request).primary  # the sidebar's model, not the first drawn
     board = boards()["capture"]
     key = f"report|{request.key}|{run.weights}|{layer}|{threshold}"
     job = board.run(key, "Building the report", lambda job: _report(request, run.choice.name, run.weights, layer, threshold, job))

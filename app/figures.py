@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -25,7 +26,12 @@ from vitlens.analysis.embedding import TokenEmbedding
 
 HEAT = [[position, f"rgb{hex_to_rgb(colour)}"] for position, colour in get_colorscale("Inferno")]  # rgb(): plotly.js misreads "#000004"
 OUTLINE = "#00e5ff"  # cyan: stands out on every colour of Inferno
-MODEL_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+WITHOUT_REGISTERS = "without registers"
+WITH_REGISTERS = "with registers"
+TEST_TIME_REGISTER = "with test-time register"
+ROLES = (WITHOUT_REGISTERS, WITH_REGISTERS, TEST_TIME_REGISTER)  # the order models are drawn in: first (left) to last
+ROLE_COLOURS = {WITHOUT_REGISTERS: "#d62728", WITH_REGISTERS: "#1f77b4", TEST_TIME_REGISTER: "#2ca02c"}  # on every page
+OTHER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # a second model of one role, series
 NORMAL_COLOUR = "#8da0cb"
 OUTLIER_COLOUR = "#e41a1c"
 CLS_COLOUR = "#111111"
@@ -35,6 +41,29 @@ IMAGE_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "triangl
 COLOURBAR_PX = 80  # what a vertical colour bar with tick labels and a title takes beside the plot
 OWN_BAR_PX = 76  # what a thin per-map colour bar with 9-px tick labels (up to 9 characters) takes beside its map
 DOWNLOAD_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+
+def role_of(num_registers: int, test_time_register: bool = False) -> str:
+    """A model's role in a comparison: run with a test-time register, with trained registers, or without."""
+    if test_time_register:
+        return TEST_TIME_REGISTER
+    return WITH_REGISTERS if num_registers else WITHOUT_REGISTERS
+
+
+def role_rank(role: str | None) -> int:
+    """Where a model of this role is drawn among the compared ones: in ``ROLES`` order, no role last."""
+    return ROLES.index(role) if role in ROLES else len(ROLES)
+
+
+def model_colours(roles: Sequence[str | None]) -> list[str]:
+    """One colour per model: the first model of each role gets its role's colour (the same on every page);
+    a second model of a role, or a series without one (layers, results folders), the other colours in turn."""
+    colours, seen, others = [], set(), itertools.cycle(OTHER_COLOURS)
+    for role in roles:
+        fixed = role in ROLE_COLOURS and role not in seen
+        colours.append(ROLE_COLOURS[role] if fixed else next(others))
+        seen.add(role)
+    return colours
 
 
 def norm_label(post_norm: bool) -> str:
@@ -64,6 +93,7 @@ class Overlay:
         mask: Cells to outline (outliers), or None.  # [row, col]
         colorbar: Colour bar title: what the values are.
         value_name: Name of the value in the hover text.
+        colour: Title colour: the model's (``model_colours``), or None for the default.
     """
 
     title: str
@@ -72,6 +102,7 @@ class Overlay:
     mask: np.ndarray | None = None
     colorbar: str = "token norm (pre-final-norm)"
     value_name: str = "norm"
+    colour: str | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -165,7 +196,7 @@ def overlay_figure(overlay: Overlay, opacity: float = 0.6, width: int = 460, max
     margin = dict(l=50, r=10, t=44 + 21 * overlay.title.count("<br>"), b=85)
     plot_height = grid_plot_height(overlay.grid, width - margin["l"] - margin["r"] - COLOURBAR_PX)
     height = int(min(max_height, max(160.0, plot_height) + margin["t"] + margin["b"]))
-    fig.update_layout(title=dict(text=overlay.title), width=width, height=height, margin=margin,
+    fig.update_layout(title=dict(text=overlay.title, font=dict(color=overlay.colour)), width=width, height=height, margin=margin,
                       legend=dict(orientation="h", yanchor="top", y=-45 / max(plot_height, 1), x=0),
                       plot_bgcolor="rgba(0,0,0,0)")
     return fig
@@ -192,6 +223,8 @@ def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int
     fig = make_subplots(rows=rows, cols=columns, subplot_titles=[o.title for o in overlays],
                         horizontal_spacing=gap / plot_width, vertical_spacing=row_gap / plot_height if rows > 1 else 0.0)
     fig.update_annotations(font_size=13)
+    for annotation, overlay in zip(fig.layout.annotations, overlays):  # the subplot titles, in the models' colours
+        annotation.font.color = overlay.colour
     for index, overlay in enumerate(overlays):
         row, col = index // columns + 1, index % columns + 1
         axis = "coloraxis" if shared_scale or index == 0 else f"coloraxis{index + 1}"
@@ -235,6 +268,7 @@ class NormHistogram:
         threshold: Outlier threshold, or None when there is no high mode (or one per image).
         reason: How the threshold was chosen, in one sentence.
         flagged: Outliers when each image had its own threshold (None: ``threshold`` decides).
+        role: The model's role (``ROLES``), which fixes its colour; None when it has none.
     """
 
     label: str
@@ -242,6 +276,7 @@ class NormHistogram:
     threshold: float | None
     reason: str = ""
     flagged: int | None = None
+    role: str | None = None
 
     @property
     def count(self) -> int:
@@ -274,8 +309,7 @@ def histogram_figure(histograms: Sequence[NormHistogram], log_y: bool = True, bi
     edges = histogram_edges(histograms, bins)
     centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     fig = go.Figure()
-    for index, hist in enumerate(histograms):
-        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+    for index, (hist, colour) in enumerate(zip(histograms, model_colours([h.role for h in histograms]))):
         counts, _ = np.histogram(hist.norms, bins=edges)
         fig.add_trace(go.Bar(
             x=centres, y=counts, width=widths, name=hist.label, marker_color=colour, opacity=0.35, legendgroup=hist.label,
@@ -328,6 +362,7 @@ class EmergenceCurve:
         cls_norm: CLS token norm per layer (mean over images); None without a class token.  # [layer]
         register_norm: Mean register-token norm per layer (over registers and images); None
             without registers.  # [layer]
+        role: The model's role (``ROLES``), which fixes its colour; None when it has none.
     """
 
     label: str
@@ -337,6 +372,7 @@ class EmergenceCurve:
     norm_median: np.ndarray
     cls_norm: np.ndarray | None = None
     register_norm: np.ndarray | None = None
+    role: str | None = None
 
     @property
     def first_layer(self) -> int | None:
@@ -375,8 +411,7 @@ def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 660) -> go.
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.4, 0.6],
                         subplot_titles=("outlier share of patch tokens",
                                         "token norms per layer (pre-final-norm, log scale)"))
-    for index, curve in enumerate(curves):
-        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+    for index, (curve, colour) in enumerate(zip(curves, model_colours([c.role for c in curves]))):
         layers = np.arange(curve.count.size)
         group = dict(legendgroup=curve.label, legendgrouptitle=dict(text=curve.label))
         fig.add_trace(go.Scatter(x=layers, y=curve.fraction * 100, mode="lines+markers", name="outlier share",
@@ -410,15 +445,16 @@ def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 660) -> go.
 CLS_INPUT_OUTLIERS = "CLS attention in block l to tokens that were outliers in its input (block l-1 output)"
 
 
-def cls_attention_figure(items: Sequence[tuple[str, ClsOutlierAttention]], layer: int, height: int = 420) -> go.Figure:
+def cls_attention_figure(items: Sequence[tuple[str, ClsOutlierAttention]], layer: int, height: int = 420,
+                         roles: Sequence[str | None] | None = None) -> go.Figure:
     """Left: per block, CLS attention to the patches that were outliers in the block's input, and
     the even-spread baseline (their share of the patches times CLS's attention on patches).
     Right: at block ``layer``, where CLS attention goes (input outliers, other patches, CLS and registers).
-    Block 0 has no outlier mask (its input has no captured norms): no point and no outlier bar."""
+    Block 0 has no outlier mask (its input has no captured norms): no point and no outlier bar.
+    ``roles``: each model's role (``ROLES``), which fixes its colour."""
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
                         subplot_titles=(CLS_INPUT_OUTLIERS, f"CLS attention in block {layer}"))
-    for index, (label, result) in enumerate(items):
-        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+    for (label, result), colour in zip(items, model_colours(roles or [None] * len(items))):
         blocks = np.arange(result.outlier_mass.size)
         fig.add_trace(go.Scatter(x=blocks, y=result.outlier_mass * 100, mode="lines+markers", name=f"{label}: attention on input outliers",
                                  line=dict(color=colour), legendgroup=label), row=1, col=1)
@@ -441,7 +477,8 @@ def cls_attention_figure(items: Sequence[tuple[str, ClsOutlierAttention]], layer
 
 
 def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], title: str = "", height: int = 560,
-                     highlight: tuple[int, int, int] | None = None, width: int | None = None) -> go.Figure:
+                     highlight: tuple[int, int, int] | None = None, width: int | None = None,
+                     title_colour: str | None = None) -> go.Figure:
     """Patch tokens (normal / outlier) and prefix tokens (CLS, registers) in 2-D.
 
     With several images, normal patches are coloured by image and every patch point's symbol
@@ -449,7 +486,7 @@ def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], titl
     the registers (diamonds) are drawn last, CLS on top. Every patch point carries
     ``[image index, row, col, norm, image name]`` as customdata, so a hover or a click tells
     which image and cell it is. ``highlight`` (image, row, col) rings one point. ``width``: pixels
-    (None: the container's); axis titles say when the tokens were scaled to unit length.
+    (None: the container's); axis titles say when the tokens were scaled to unit length; ``title_colour``: the model's.
     """
     fig = go.Figure()
     names = np.array(list(image_names), dtype=object)
@@ -486,7 +523,7 @@ def embedding_figure(embedding: TokenEmbedding, image_names: Sequence[str], titl
         titles = [f"{t} ({e:.0%} of variance)" for t, e in zip(titles, embedding.explained)]
     if embedding.normalized:
         titles = [f"{t}, unit-length tokens" for t in titles]
-    fig.update_layout(title=dict(text=title) if title else None, height=height, width=width,
+    fig.update_layout(title=dict(text=title, font=dict(color=title_colour)) if title else None, height=height, width=width,
                       margin=dict(l=60, r=10, t=60 if title else 20, b=50),
                       legend=dict(orientation="h", y=-0.12, x=0), xaxis_title=titles[0], yaxis_title=titles[1])
     return fig
@@ -550,10 +587,10 @@ def score_distribution_figure(scores: np.ndarray, cutoff: float | None, height: 
 def change_figure(series: dict[str, np.ndarray], height: int = 320, title: str = "1 - cosine (log)") -> go.Figure:
     """1 - cosine per row (blocks, then the final norm), one line per series."""
     fig = go.Figure()
-    for index, (label, values) in enumerate(series.items()):
+    for (label, values), colour in zip(series.items(), model_colours([None] * len(series))):
         rows = np.arange(values.size)
         fig.add_trace(go.Scatter(x=rows, y=np.maximum(1 - values, 1e-9), mode="lines+markers", name=label,
-                                 line=dict(color=MODEL_COLOURS[index % len(MODEL_COLOURS)]),
+                                 line=dict(color=colour),
                                  hovertemplate="%{x}: %{y:.3g}<extra>%{fullData.name}</extra>"))
     depth = max(values.size for values in series.values())
     fig.update_xaxes(title_text=f"layer (block index; {depth - 1} = after the final norm)", dtick=1 if depth <= 25 else 2)

@@ -6,6 +6,7 @@ captures run.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from typing import Sequence
@@ -52,7 +53,7 @@ def norm_maps(request: Request, ref: str, layer: int, post_norm: bool, threshold
     index = request.images.index(ref)
     overlays, found, rows = [], [], []
     kind = figures.norm_label(post_norm)
-    for run in result.runs:
+    for run, colour in zip(result.runs, result.colours):
         trace = run.traces[index]
         check_layer(layer, trace.num_layers)
         if post_norm:
@@ -64,7 +65,8 @@ def norm_maps(request: Request, ref: str, layer: int, post_norm: bool, threshold
         threshold_text = "no high mode" if outliers.threshold is None else f"threshold {outliers.threshold:.4g}"
         title = (f"{run.name}<br><sup>{weights_label(run.weights, run.trained_registers > 0)}<br>"
                  f"{where} · {outliers.count} outliers ({threshold_text}) · {run.num_registers} registers</sup>")
-        overlays.append(Overlay(title=title, values=values, image=display_uri(ref, trace), mask=outliers.mask, colorbar=kind))
+        overlays.append(Overlay(title=title, values=values, image=display_uri(ref, trace), mask=outliers.mask, colorbar=kind,
+                                colour=colour))
         found.append(outliers)
         for (row, col), value in np.ndenumerate(values):
             rows.append([run.name, run.weights, image_name(ref), "post" if post_norm else layer, row, col,
@@ -122,7 +124,7 @@ def histogram(request: Request, layers: Sequence[int], post_norm: bool, threshol
                  else trace.patch_norms()[[check_layer(l, trace.num_layers) for l in layers]] for trace in run.traces]
         cut = None if post_norm else threshold
         hist = _per_image_histogram(run.short, grids, cut) if per_image else _pooled_histogram(run.short, grids, cut)
-        histograms.append(hist)
+        histograms.append(dataclasses.replace(hist, role=run.role))
         rows.append([run.name, run.weights, "post" if post_norm else " ".join(map(str, layers)), hist.norms.size,
                      hist.threshold, hist.count, hist.fraction, float(np.median(hist.norms)), float(hist.norms.max()),
                      hist.reason])
@@ -183,7 +185,8 @@ def emergence(request: Request, ref: str | None, threshold: float | None) -> Eme
         flat = np.concatenate([trace.norms[:depth, trace.layout.patches] for trace in traces], axis=1)  # [layer, patch]
         cls_norm, register_norm = _prefix_norms(traces, depth)
         curve = EmergenceCurve(label=run.short, count=count, fraction=count / patches, norm_max=flat.max(axis=1),
-                               norm_median=np.median(flat, axis=1), cls_norm=cls_norm, register_norm=register_norm)
+                               norm_median=np.median(flat, axis=1), cls_norm=cls_norm, register_norm=register_norm,
+                               role=run.role)
         curves.append(curve)
         rows += [[run.name, run.weights, layer, int(count[layer]), float(curve.fraction[layer]),
                   float(curve.norm_max[layer]), float(curve.norm_median[layer]),
@@ -222,6 +225,7 @@ class AttentionPanel:
     num_registers: int
     cls_mass: ClsOutlierAttention | None
     note: str | None = None
+    role: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,7 +239,7 @@ def attention(request: Request, ref: str, layer: int, head: int | None, threshol
     result = captured(request)
     index = request.images.index(ref)
     panels, rows = [], []
-    for run in result.runs:
+    for run, colour in zip(result.runs, result.colours):
         trace = run.traces[index]
         check_layer(layer, trace.num_layers)
         found = outliers_of(run, index, threshold)
@@ -246,11 +250,11 @@ def attention(request: Request, ref: str, layer: int, head: int | None, threshol
             queries.append((pool, found.masks[-1], f"after the last block, {_head_text(pool_head, _pool_heads(trace))}"))
         overlays = [Overlay(title=f"{run.name}: <b>{name}</b> ({maps.patch_mass[i]:.0%} on patches)",
                             values=maps.maps[i], image=display_uri(ref, trace), mask=mask,
-                            colorbar=f"attention (layer {layer}, {_head_text(head)})", value_name="attention")
+                            colorbar=f"attention (layer {layer}, {_head_text(head)})", value_name="attention", colour=colour)
                     for maps, mask, _ in queries for i, name in enumerate(maps.names)]
         mass = cls_outlier_attention(trace, found, head) if trace.layout.cls_index is not None else None
         panels.append(AttentionPanel(label=run.short, overlays=overlays, num_registers=run.num_registers, cls_mass=mass,
-                                     note=_queries_note(run.name, trace)))
+                                     note=_queries_note(run.name, trace), role=run.role))
         rows += [[run.name, image_name(ref), maps.layer, text, name, r, c, float(v)]
                  for maps, _, text in queries for i, name in enumerate(maps.names) for (r, c), v in np.ndenumerate(maps.maps[i])]
     table = Table(["model", "image", "layer", "head", "query", "row", "col", "attention"], rows)
@@ -302,6 +306,7 @@ class EmbeddingView:
     embedding: TokenEmbedding
     image_names: list[str]
     image_refs: list[str]
+    colour: str | None = None  # the model's (figures.model_colours)
 
 
 @dataclass(frozen=True, eq=False)
@@ -334,8 +339,9 @@ def embeddings(request: Request, layer: int, method: str, threshold: float | Non
         rows += [[run.name, names[i], None, None, None, name, float(x), float(y)]
                  for i, name, (x, y) in zip(emb.prefix_image, emb.prefix_names, emb.prefix_coords)]
     table = Table(["model", "image", "row", "col", "norm", "outlier_or_token", "x", "y"], rows)
-    views = [EmbeddingView(label=run.name, weights=weights_label(run.weights, run.trained_registers > 0), embedding=emb, image_names=names, image_refs=list(request.images))
-             for run, emb in zip(result.runs, found)]
+    views = [EmbeddingView(label=run.name, weights=weights_label(run.weights, run.trained_registers > 0), embedding=emb,
+                           image_names=names, image_refs=list(request.images), colour=colour)
+             for run, emb, colour in zip(result.runs, found, result.colours)]
     return EmbeddingViews(views=views, table=table)
 
 
@@ -354,7 +360,7 @@ def picked_cell(request: Request, layer: int, threshold: float | None,
     mask[row, col] = True
     name = captured(request).runs[model].label
     return Overlay(title=f"{name}<br><sup>{image_name(ref)}: row {row}, col {col} (layer {layer})</sup>",
-                   values=overlay.values, image=overlay.image, mask=mask, colorbar=overlay.colorbar)
+                   values=overlay.values, image=overlay.image, mask=mask, colorbar=overlay.colorbar, colour=overlay.colour)
 
 
 def _umap(job: Job, traces: tuple[Trace, ...], layer: int, threshold: float | None, normalize: bool) -> TokenEmbedding:

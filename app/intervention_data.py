@@ -2,14 +2,15 @@
 replacement ablations, massive activations and attention sinks.
 
 These run forward passes with hooks, so they use this process's engine (never the worker queue)
-on the request's first model and images; results are cached per request and settings.
+on the request's images, with the sidebar's model (``request.models[0]``, whatever order the pages draw the
+models in) unless a page names one; results are cached per request and settings.
 """
 from __future__ import annotations
 
 import streamlit as st
 import torch
 
-from captures import Request
+from captures import ModelChoice, Request
 from choices import weights_path
 from resources import engine
 from uploads import image, picture_uri
@@ -21,8 +22,9 @@ from vitlens.interventions import TestTimeRegister
 from vitlens.models import LoadedModel
 
 
-def _model(request: Request, index: int = 0) -> LoadedModel:
-    choice = request.models[index]
+def _model(request: Request, choice: ModelChoice | None = None) -> LoadedModel:
+    """The loaded model of ``choice``; None: the sidebar's model."""
+    choice = choice or request.models[0]
     return engine().model(choice.name, weights_path(choice.weights))
 
 
@@ -82,9 +84,9 @@ def cost(request: Request, ref: str, register: TestTimeRegister, threshold: floa
 
 
 @st.cache_data(max_entries=32, show_spinner="Running the four replacements…")
-def _ablations(key: str, index: int, layer: int, target: str, threshold: float | None,
-               _request: Request) -> tuple[tuple[str, ...], dict[str, AblationResult | str]]:
-    loaded = _model(_request, index)
+def _ablations(key: str, model: str, layer: int, target: str, threshold: float | None, _request: Request,
+               _choice: ModelChoice) -> tuple[tuple[str, ...], dict[str, AblationResult | str]]:
+    loaded = _model(_request, _choice)
     refs, pixels = _batch(_request, loaded, _request.images)
     results: dict[str, AblationResult | str] = {}
     for mode in ABLATIONS:
@@ -95,25 +97,25 @@ def _ablations(key: str, index: int, layer: int, target: str, threshold: float |
     return refs, results
 
 
-def ablations(request: Request, index: int, layer: int, target: str,
+def ablations(request: Request, choice: ModelChoice, layer: int, target: str,
               threshold: float | None) -> tuple[tuple[str, ...], dict[str, AblationResult | str]]:
-    """All four replacements of model ``index``'s ``target`` tokens after block ``layer`` (or why one cannot run),
+    """All four replacements of model ``choice``'s ``target`` tokens after block ``layer`` (or why one cannot run),
     over the request's images of the first image's shape (returned first)."""
-    return _ablations(request.key, index, layer, target, threshold, request)
+    return _ablations(request.key, choice.key, layer, target, threshold, request, choice)
 
 
 @st.cache_data(max_entries=32, show_spinner="Computing full attention rows…")
-def _sinks(key: str, index: int, ref: str, layers: tuple[int, ...], threshold: float | None,
-           _request: Request) -> tuple[AttentionSinks, MassiveActivations]:
-    loaded = _model(_request, index)
-    register = _request.models[index].register
+def _sinks(key: str, model: str, ref: str, layers: tuple[int, ...], threshold: float | None, _request: Request,
+           _choice: ModelChoice) -> tuple[AttentionSinks, MassiveActivations]:
+    loaded = _model(_request, _choice)
+    register = _choice.register
     pixels = _pixels(_request, loaded, ref)
     return (attention_sinks(loaded, pixels, layers, threshold, register=register),
             massive_activations(loaded, pixels, register=register))
 
 
-def sinks(request: Request, index: int, ref: str, layers: tuple[int, ...],
+def sinks(request: Request, choice: ModelChoice, ref: str, layers: tuple[int, ...],
           threshold: float | None) -> tuple[AttentionSinks, MassiveActivations]:
-    """Attention received per block and head (all queries) and the massive activations of model ``index``
+    """Attention received per block and head (all queries) and the massive activations of model ``choice``
     (with its test-time register, if any) on one image."""
-    return _sinks(request.key, index, ref, layers, threshold, request)
+    return _sinks(request.key, choice.key, ref, layers, threshold, request, choice)

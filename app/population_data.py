@@ -16,7 +16,7 @@ import streamlit as st
 from PIL import Image
 
 from choices import check_model, sweep_weights, weights_path
-from figures import Table
+from figures import Table, role_of, role_rank
 from jobs import Job, boards
 from resources import engine, settings
 from uploads import add_upload
@@ -153,12 +153,19 @@ def models(name: str) -> ModelsView:
 
 @dataclass(frozen=True, eq=False)
 class DatasetView:
-    """One summary per results folder (the second one to compare), and thumbnails of the top images."""
+    """One summary per results folder, in drawing order (without registers first, ``figures.ROLES``), the chosen
+    folder's summary, and thumbnails of its top images."""
 
     summaries: list[tuple[str, DatasetSummary]]
+    chosen: DatasetSummary
     thumbnails: dict[str, Image.Image]
     missing_images: str | None
     table: Table
+
+    @property
+    def roles(self) -> list[str]:
+        """Each summary's role (``figures.ROLES``), which fixes its colour."""
+        return [role_of(summary.series.num_registers) for _, summary in self.summaries]
 
 
 def _matching(frame: pd.DataFrame, series: Series) -> Series:
@@ -176,14 +183,16 @@ def dataset(name: str, series_index: int, layers: Sequence[int], other: str | No
     if other:
         other_frame = results(other, lists=True)
         summaries.append((other, dataset_summary(other_frame, _matching(other_frame, series), layers, count)))
+    chosen = summaries[0][1]
     thumbnails, missing = {}, None
     try:
-        thumbnails = {top.image: _thumbnail(str(image_path(name, top.image))) for top in summaries[0][1].top}
+        thumbnails = {top.image: _thumbnail(str(image_path(name, top.image))) for top in chosen.top}
     except ImageError as error:
         missing = str(error)
+    summaries.sort(key=lambda item: role_rank(role_of(item[1].series.num_registers)))
     rows = [[label, s.series.model, s.series.weights, layer, float(s.share[layer])]
             for label, s in summaries for layer in range(s.share.size)]
-    return DatasetView(summaries=summaries, thumbnails=thumbnails, missing_images=missing,
+    return DatasetView(summaries=summaries, chosen=chosen, thumbnails=thumbnails, missing_images=missing,
                        table=Table(["results", "model", "weights", "layer", "outlier_share"], rows))
 
 

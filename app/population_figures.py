@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from figures import HEAT, MODEL_COLOURS
+from figures import HEAT, model_colours
 from vitlens.analysis.population import CellFrequency, DepthProfile, NormCounts, TrainingSeries
 
 FIRST_COLOUR = "#00e5ff"  # the first checkpoint with outliers, on the Inferno heat map
@@ -62,8 +62,7 @@ def training_lines(series: TrainingSeries, layers: Sequence[int], height: int = 
     x, title = _x_of(series)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         subplot_titles=("outlier share of patch tokens", "patch-token norm (pre-final-norm)"))
-    for index, layer in enumerate(layers):
-        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+    for layer, colour in zip(layers, model_colours([None] * len(layers))):  # layers, not models: no role colours
         name = f"layer {layer}"
         fig.add_trace(go.Scatter(x=x, y=series.share[:, layer] * 100, mode="lines+markers", name=name, legendgroup=name,
                                  line=dict(color=colour), hovertemplate="%{x}: %{y:.2f}%<extra>" + name + "</extra>"),
@@ -89,11 +88,11 @@ def depth_figure(profiles: Sequence[DepthProfile], height: int = 440) -> go.Figu
     """Outlier share per layer against relative depth: models without registers left, with registers right."""
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.05,
                         subplot_titles=("without registers", "with registers"))
-    for index, profile in enumerate(profiles):
+    for profile, colour in zip(profiles, model_colours([None] * len(profiles))):  # the panel tells the role
         col = 2 if profile.series.num_registers else 1
         name = f"{profile.series.model} ({profile.series.num_layers} blocks)"
         fig.add_trace(go.Scatter(x=profile.depth, y=profile.share * 100, mode="lines+markers", name=name,
-                                 line=dict(color=MODEL_COLOURS[index % len(MODEL_COLOURS)]),
+                                 line=dict(color=colour),
                                  hovertemplate="depth %{x:.2f}: %{y:.2f}%<extra>" + name + "</extra>"), row=1, col=col)
     for registers in (False, True):
         if not any(bool(p.series.num_registers) == registers for p in profiles):
@@ -106,12 +105,13 @@ def depth_figure(profiles: Sequence[DepthProfile], height: int = 440) -> go.Figu
     return fig
 
 
-def layer_share_figure(items: Sequence[tuple[str, np.ndarray]], height: int = 320) -> go.Figure:
-    """Outlier share per layer, one line per (label, share)."""
+def layer_share_figure(items: Sequence[tuple[str, np.ndarray]], height: int = 320,
+                       roles: Sequence[str | None] | None = None) -> go.Figure:
+    """Outlier share per layer, one line per (label, share); ``roles`` (``figures.ROLES``) fix the colours."""
     fig = go.Figure()
-    for index, (label, share) in enumerate(items):
+    for (label, share), colour in zip(items, model_colours(roles or [None] * len(items))):
         fig.add_trace(go.Scatter(x=np.arange(share.size), y=share * 100, mode="lines+markers", name=label,
-                                 line=dict(color=MODEL_COLOURS[index % len(MODEL_COLOURS)]),
+                                 line=dict(color=colour),
                                  hovertemplate="layer %{x}: %{y:.2f}%<extra>" + label + "</extra>"))
     fig.update_xaxes(title_text="layer (block index, 0-based)")
     fig.update_yaxes(title_text="% of patches", rangemode="tozero")
@@ -119,16 +119,17 @@ def layer_share_figure(items: Sequence[tuple[str, np.ndarray]], height: int = 32
     return fig
 
 
-def norm_counts_figure(items: Sequence[tuple[str, NormCounts]], log_y: bool = True, height: int = 380) -> go.Figure:
-    """Norm histograms over a dataset, each with its median outlier threshold dashed.
+def norm_counts_figure(items: Sequence[tuple[str, NormCounts]], log_y: bool = True, height: int = 380,
+                       roles: Sequence[str | None] | None = None) -> go.Figure:
+    """Norm histograms over a dataset, each with its median outlier threshold dashed; ``roles``
+    (``figures.ROLES``) fix the colours.
 
     The bins are log-spaced, so the x axis is log10 of the norm (linear, ticks labelled with the
     norm): plotly cannot draw bar widths on a log axis.
     """
     fig = go.Figure()
     low, high = np.inf, -np.inf
-    for index, (label, counts) in enumerate(items):
-        colour = MODEL_COLOURS[index % len(MODEL_COLOURS)]
+    for index, ((label, counts), colour) in enumerate(zip(items, model_colours(roles or [None] * len(items)))):
         used = np.flatnonzero(counts.counts)
         if used.size == 0:
             continue

@@ -95,7 +95,7 @@ def test_every_page_opens_offline_on_the_default_model():
     details = " ".join(m.value for m in at.expander[0].markdown)
     assert "Synthetic demo, not a trained model" in details and "from block 6 of 12 on" in details
     assert "python -m vitlens fetch dinov2_vits14_reg4" in details and "python -m vitlens fetch dinov2_vits14" in details
-    with_registers, without = _figures(at)
+    without, with_registers = _figures(at)  # without registers first, though the default names the model with them
     assert _title(with_registers).startswith("dinov2_vits14_reg4<br><sup>synthetic demo, registers: no planted artifacts<br>")
     assert _title(without).startswith("dinov2_vits14<br><sup>synthetic demo: planted artifacts<br>")
     assert _outlined(without) == set(DEMO_CELLS) and _outlined(with_registers) == set()  # astronaut: grid 16x16
@@ -111,9 +111,9 @@ def test_random_weights_are_one_click_away_and_the_demo_can_be_chosen():
     _ok(at)
     assert not at.warning and "Synthetic demo, not a trained model" in at.info[0].value
     assert any("Not a trained model" in c.value for c in at.sidebar.caption)
-    assert _outlined(_figures(at)[1]) == set()  # layer 3: before the planted block
+    assert _outlined(_figures(at)[0]) == set()  # layer 3: before the planted block
     at.slider(key="layer").set_value(6).run()
-    assert _outlined(_figures(at)[1]) == set(DEMO_CELLS)
+    assert _outlined(_figures(at)[0]) == set(DEMO_CELLS)
     at.radio(key="weights_mode").set_value("random").run()
     _ok(at)
     assert not at.info and at.query_params["weights"] == "random"
@@ -663,7 +663,7 @@ def test_an_error_rerun_keeps_the_sidebar_url_and_page_in_agreement(stale_widget
     assert at.radio(key="weights_mode").value == "synthetic" and at.number_input(key="threshold_value").value == 60
     assert at.multiselect(key="images").value == ["astronaut"]
     assert {k: at.query_params[k] for k in query} == query and at.query_params["compare"] == "1"
-    assert [_title(f).split("<br>")[0] for f in _figures(at)] == ["dinov2_vits14_reg4", "dinov2_vits14"]
+    assert [_title(f).split("<br>")[0] for f in _figures(at)] == ["dinov2_vits14", "dinov2_vits14_reg4"]
     at.slider(key="layer").set_value(3).run()  # the next move keeps both models at 224 px
     _ok(at)
     assert len(_figures(at)) == 2 and at.number_input(key="side").value == 224
@@ -697,3 +697,41 @@ def test_hosted_cancel_button_cancels_the_job_on_the_worker_queue(tmp_path, monk
     status = queue.status(claimed[0].job_id)
     assert (status.state, status.message) == (CANCELLED, "Cancelled: Capturing 1 image x 1 model.")
     assert queue.wanted([status.job_id], "w1") == set()  # so the worker stops after its current batch
+
+
+def _model_colours(at: AppTest) -> dict[str, dict[str, str]]:
+    """Per page, each model's colour (by name) as its figures draw it: titles of maps, lines and bars of plots."""
+    seen = {}
+    at.switch_page("views/norm_maps.py").run()
+    seen["norm maps"] = {_title(f).split("<br>")[0]: f["layout"]["title"]["font"]["color"] for f in _figures(at)}
+    at.switch_page("views/histogram.py").run()
+    seen["histogram"] = {t["name"].split(" (")[0]: t["marker"]["color"] for t in _figures(at)[0]["data"] if t["type"] == "bar"}
+    at.switch_page("views/emergence.py").run()
+    seen["emergence"] = {t["name"].split(" (")[0]: t["line"]["color"] for t in _figures(at)[0]["data"] if ":" not in t["name"]}
+    at.switch_page("views/attention.py").run()
+    maps, cls_mass = _figures(at)
+    seen["attention maps"] = {a["text"].split(":")[0]: a["font"]["color"] for a in maps["layout"]["annotations"]
+                              if ": <b>" in a["text"]}
+    seen["CLS attention"] = {t["name"].split(" (")[0]: t["marker"]["color"] for t in cls_mass["data"] if t["type"] == "bar"}
+    return seen
+
+
+def test_without_registers_is_left_and_red_on_every_page_whichever_model_the_sidebar_names(weights_dir):
+    """The model without registers is drawn first in one colour, the one with them second in another,
+    whether the sidebar names the first or the second (the colours used to follow "sidebar model vs twin")."""
+    figures = _app_module("figures")
+
+    expected = {TINY: figures.ROLE_COLOURS[figures.WITHOUT_REGISTERS], TINY_REG: figures.ROLE_COLOURS[figures.WITH_REGISTERS]}
+    for first in (TINY, TINY_REG):
+        files = {TINY: "file:tiny_planted.safetensors", TINY_REG: "file:tiny_reg4.safetensors"}
+        twin = TINY_REG if first == TINY else TINY
+        at = _planted_app(weights_dir, model=first, weights=files[first], pair_weights=files[twin])
+        _ok(at)
+        assert [_title(f).split("<br>")[0] for f in _figures(at)] == [TINY, TINY_REG]  # left to right
+        for page, colours in _model_colours(at).items():
+            assert colours == expected, (first, page)
+        at.switch_page("views/ablations.py").run()  # the sidebar's model or not, the chosen model is the one run
+        _ok(at)
+        model = next(box for box in at.main.selectbox if box.label == "Model")
+        assert model.value == 1 and at.caption[1].value.startswith(f"{TINY_REG}: 4 registers tokens replaced")
+        assert at.query_params["pair_weights"] == files[twin]  # the URL still names the sidebar model's twin

@@ -268,3 +268,17 @@ def test_own_attention_colour_bars_have_distinct_tick_labels_that_fit():
         assert max(map(len, labels)) * 5.5 + axis.colorbar.thickness + 8 <= figures.OWN_BAR_PX  # 9-px digits
     assert fig.layout.margin.r >= figures.OWN_BAR_PX
     assert figures.scale_ticks(2.0, 2.0) == ([2.0], ["2"])
+
+
+def test_each_role_has_one_colour_and_a_second_model_of_a_role_another():
+    without, with_, ttr = figures.WITHOUT_REGISTERS, figures.WITH_REGISTERS, figures.TEST_TIME_REGISTER
+    assert figures.model_colours([with_, without]) == figures.model_colours([without, with_])[::-1]
+    assert figures.model_colours([without, with_, ttr]) == [figures.ROLE_COLOURS[r] for r in (without, with_, ttr)]
+    twins = figures.model_colours([with_, with_])  # DINOv3 beside a DINOv2 with registers
+    assert twins[0] == figures.ROLE_COLOURS[with_] and twins[1] not in figures.ROLE_COLOURS.values()
+    assert not set(figures.model_colours([None] * 3)) & set(figures.ROLE_COLOURS.values())  # layers are not models
+    assert figures.role_of(4) == with_ and figures.role_of(0) == without and figures.role_of(4, True) == ttr
+    plain = NormHistogram("plain", np.ones(10), None, role=without)
+    regs = NormHistogram("reg4", np.ones(10), None, role=with_)
+    assert [b.marker.color for b in figures.histogram_figure([regs, plain]).data if b.type == "bar"] == \
+        [figures.ROLE_COLOURS[with_], figures.ROLE_COLOURS[without]]

@@ -26,7 +26,7 @@ target = controls[2].radio("Replace", targets, horizontal=True)
 with controls[3]:
     ref = ui.image_picker(request)
 threshold = ui.threshold()
-refs, results = ui.fetch(intervention_data.ablations, request, index, layer, target, threshold)
+refs, results = ui.fetch(intervention_data.ablations, request, run.choice, layer, target, threshold)
 if ref not in refs:
     st.info(f"{data.image_label(ref)} has another aspect ratio than the first image; showing {data.image_label(refs[0])}.")
     ref = refs[0]
@@ -56,7 +56,8 @@ sink_index = columns[0].selectbox("Model", range(len(result.runs)), format_func=
                                   key="sink_model", help="The column with a test-time register shows its token as a sink.")
 layers = columns[1].multiselect("Layers (full attention rows are computed for these only)", list(range(result.num_layers)),
                                 key="sink_layers")
-sinks, massive = ui.fetch(intervention_data.sinks, request, sink_index, ref, tuple(sorted(layers)), threshold)
+sinks, massive = ui.fetch(intervention_data.sinks, request, result.runs[sink_index].choice, ref, tuple(sorted(layers)),
+                          threshold)
 ui.chart(figures.sink_figure(sinks.masses(), sinks.layers), key="sinks")
 st.caption("Attention each group of tokens receives, averaged over all queries (not only CLS) and heads; hover for the "
            "strongest head. A sink moving from the outliers to the registers shows here.")

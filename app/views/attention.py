@@ -46,9 +46,10 @@ scale = ("One colour scale for all maps (attention is a share of the query's tot
 st.caption(" · ".join(f"**{panel.label}**: {panel.num_registers} registers" for panel in view.panels) + f". {scale}.")
 
 st.subheader(figures.CLS_INPUT_OUTLIERS)
-masses = [(panel.label, panel.cls_mass) for panel in view.panels if panel.cls_mass is not None]
-if masses:
-    ui.chart(figures.cls_attention_figure(masses, layer), key="cls-mass")
+measured = [panel for panel in view.panels if panel.cls_mass is not None]
+if measured:
+    ui.chart(figures.cls_attention_figure([(p.label, p.cls_mass) for p in measured], layer, roles=[p.role for p in measured]),
+             key="cls-mass")
     st.caption("Dotted: what the outliers would get if CLS spread its attention on patches evenly (their share of the "
                "patches times CLS's attention on patches). Far above it, CLS reads the outliers. Block 0 has no "
                "point: its input (patch and position embeddings) has no captured norms, so no outlier mask.")

@@ -32,16 +32,18 @@ for column, (label, summary) in zip(st.columns(len(view.summaries)), view.summar
                   delta_color="off", delta_arrow="off")
 st.subheader("Norm histogram")
 log_y = st.toggle("Log-scale counts", value=True, key="dataset_log_y")
-ui.chart(population_figures.norm_counts_figure([(l, s.norms) for l, s in view.summaries], log_y=log_y), key="dataset-hist")
+ui.chart(population_figures.norm_counts_figure([(l, s.norms) for l, s in view.summaries], log_y=log_y, roles=view.roles),
+         key="dataset-hist")
 st.subheader("Outlier share per layer")
-ui.chart(population_figures.layer_share_figure([(l, s.share) for l, s in view.summaries]), key="dataset-share")
+ui.chart(population_figures.layer_share_figure([(l, s.share) for l, s in view.summaries], roles=view.roles),
+         key="dataset-share")
 st.subheader("Where outliers sit on the grid")
 ui.chart(population_figures.cell_frequency_figure([(l, s.cells) for l, s in view.summaries]), key="dataset-grid")
-skipped = view.summaries[0][1].cells.rows_skipped
+skipped = view.chosen.cells.rows_skipped
 if skipped:
     st.caption(f"{skipped} image x layer rows of other grid shapes (other aspect ratios) are not in the map.")
 st.subheader("Images with most outliers")
-top = view.summaries[0][1].top
+top = view.chosen.top
 if view.missing_images:
     st.caption(view.missing_images)
 for column, item in zip(st.columns(6) * 2, top):

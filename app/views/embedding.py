@@ -42,7 +42,8 @@ def draw(views: image_data.EmbeddingViews, suffix: str, note: str = "") -> None:
     width = ui.MAIN_WIDTH // len(views.views) - 16
     for index, (column, view) in enumerate(zip(st.columns(len(views.views)), views.views)):
         fig = figures.embedding_figure(view.embedding, view.image_names, highlight=picked and picked[1:], width=width,
-                                       title=f"{view.label}<br><sup>{view.weights} · layer {layer}{note}</sup>")
+                                       title=f"{view.label}<br><sup>{view.weights} · layer {layer}{note}</sup>",
+                                       title_colour=view.colour)
         with column:
             key = f"embedding-{index}-{suffix}"
             ui.chart(fig, key=key, on_select=lambda key=key, index=index: pick(key, index), selection_mode="points")
