@@ -39,6 +39,20 @@ def _hub_failures() -> dict[str, tuple[float, str]]:
     return {}
 
 
+@st.cache_resource(show_spinner=False)
+def _fallbacks() -> dict[str, str]:
+    """The weights each model's pretrained weights were last replaced by (``OFFLINE_WEIGHTS`` or random)."""
+    return {}
+
+
+def offline_fallback(names: Sequence[str]) -> tuple[str, ...]:
+    """What pretrained weights of these models are replaced by while the hub is deemed unreachable (a failure
+    less than ``HUB_RETRY_S`` ago): their fallback weights, each once, sorted; empty when none failed."""
+    now, failures = time.monotonic(), _hub_failures()
+    return tuple(sorted({_fallbacks().get(name, OFFLINE_WEIGHTS) for name in names
+                         if name in failures and now - failures[name][0] < HUB_RETRY_S}))
+
+
 @dataclass(frozen=True)
 class ModelChoice:
     """A model and its weights: ``hub``, ``synthetic``, ``random``, ``file:<name>`` or ``upload:<name>``;
@@ -263,6 +277,7 @@ def _capture(request: Request, state_layers: tuple[int, ...], job: Job) -> Captu
         failure = _hub_failures().get(choice.name)
         if choice.weights == "hub" and failure and time.monotonic() - failure[0] < HUB_RETRY_S:
             (weights, traces), note = _offline_traces(images, choice.name, options, progress), failure[1]
+            _fallbacks()[choice.name] = weights
         else:
             weights, note = choice.weights, None
             try:
@@ -270,8 +285,9 @@ def _capture(request: Request, state_layers: tuple[int, ...], job: Job) -> Captu
             except HubUnavailableError as error:
                 if weights != "hub":
                     raise
-                _hub_failures()[choice.name] = (time.monotonic(), str(error))
                 (weights, traces), note = _offline_traces(images, choice.name, options, progress), str(error)
+                _fallbacks()[choice.name] = weights
+                _hub_failures()[choice.name] = (time.monotonic(), str(error))
         register = f"|ttr{choice.register.key()}" if choice.register else ""
         ids = tuple(f"{choice.name}|{weights_id(weights)}{register}|{image.digest}|{request.side}|{state_layers}"
                     for image in images)

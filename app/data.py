@@ -8,7 +8,7 @@ imports it. Pages import this module for the shared pieces and their own view-mo
 """
 from __future__ import annotations
 
-from captures import Captured, ModelChoice, Request, captured, synthetic_note
+from captures import Captured, ModelChoice, Request, captured, offline_fallback, synthetic_note
 from choices import (NAMED_WEIGHTS, RANDOM_NOTE, WEIGHTS_FILE_PREFIX, add_weights_upload, check_model,
                      pair_of, patch_size, presets, weights_files, weights_label)
 from jobs import Cancelled, Job, Pending, forget, running_jobs
@@ -17,7 +17,7 @@ from uploads import GALLERY_NAMES, add_upload, has_image, image_label, image_nam
 from vitlens.analysis.outliers import parse_threshold
 from vitlens.errors import ImageError, OptionError, VitlensError, WeightsError
 
-__all__ = ["Captured", "ModelChoice", "Request", "captured", "synthetic_note",
+__all__ = ["Captured", "ModelChoice", "Request", "captured", "offline_fallback", "synthetic_note",
            "NAMED_WEIGHTS", "RANDOM_NOTE", "WEIGHTS_FILE_PREFIX", "add_weights_upload", "check_model", "pair_of",
            "patch_size", "presets", "weights_files", "weights_label",
            "Cancelled", "Job", "Pending", "forget", "running_jobs", "settings",

@@ -1,10 +1,10 @@
 """vitlens dashboard: the router. Shared sidebar and state here; one file per view in views/ (not "pages/": Streamlit would treat that folder as its legacy multipage layout)."""
 import streamlit as st
 
-import auth
-import ui
-
 st.set_page_config(page_title="vitlens", page_icon=":material/blur_on:", layout="wide")
+with st.spinner("Loading models…"):  # a server's first run imports PyTorch and timm: seconds of an empty page otherwise
+    import auth
+    import ui
 auth.gate()  # with sign-in configured: only the sign-in page until signed in with an allowed account
 
 PAGES = [

@@ -29,6 +29,7 @@ DEFAULT_SIDE = 224
 WEIGHT_MODES = {"hub": "pretrained (hub / local HF cache)", "synthetic": "synthetic demo (planted artifacts)",
                 "random": "random weights", "file": "local weights file", "upload": "upload a weights file",
                 "sweep": "checkpoint of a sweep (Training page)"}
+FALLBACK_WORDS = {"synthetic": "synthetic demo", "random": "random weights"}  # what replaces pretrained weights offline
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "extra_layers", "per_image_threshold", "embed_method",
              "embed_normalize", "emergence_scope", "figure_format", "shared_scale", "norm_scale_shared",
@@ -243,7 +244,7 @@ def _model_and_images() -> data.Request | None:
         st.checkbox(f"Compare with {pair}", key="compare", help="Side by side: the same model with/without registers, or "
                                                                 "for DINOv3 (no register-free twin) the DINOv2 of about its size.")
     register = _register_control(name)
-    weights, pair_weights = _weights_controls(pair)
+    weights, pair_weights = _weights_controls(pair, [name, pair] if pair and state.get("compare", True) else [name])
     side = _side_control(patch)
     refs = _image_controls()
     if weights is None:
@@ -271,10 +272,11 @@ def _register_control(name: str) -> TestTimeRegister | None:
                             patch_values=state.get("register_patches", "zero"))
 
 
-def _weights_controls(pair: str | None) -> tuple[str | None, str]:
+def _weights_controls(pair: str | None, compared: list[str]) -> tuple[str | None, str]:
     state = st.session_state
     modes = [mode for mode in WEIGHT_MODES if mode != "sweep" or state.get("sweep_weights_choice")]
-    st.radio("Weights", modes, format_func=WEIGHT_MODES.get, key="weights_mode", horizontal=False)
+    state["hub_fallback_shown"] = fallback = data.offline_fallback(compared)
+    st.radio("Weights", modes, format_func=lambda mode: _mode_label(mode, fallback), key="weights_mode", horizontal=False)
     mode = state["weights_mode"]
     if mode == "sweep":
         st.caption(f"Checkpoint `{data.weights_label(state['sweep_weights_choice'])}`, opened from the Training page.")
@@ -320,6 +322,13 @@ def _weights_controls(pair: str | None) -> tuple[str | None, str]:
     if pair:
         st.caption(f"{pair} uses random weights.")
     return choice, "random"
+
+
+def _mode_label(mode: str, fallback: tuple[str, ...]) -> str:
+    """A weights choice as the radio shows it: "pretrained" says what replaces it while the hub is unreachable."""
+    if mode == "hub" and fallback:
+        return f"{' / '.join(FALLBACK_WORDS.get(w, w) for w in fallback)} (pretrained unavailable offline)"
+    return WEIGHT_MODES[mode]
 
 
 def _on_weights_upload() -> None:
@@ -412,6 +421,7 @@ def _threshold_controls() -> None:
 
 def _status() -> None:
     jobs = data.running_jobs()
+    st.session_state["jobs_shown"] = {job.key for job in jobs}  # the jobs this run gives a cancel button
     if jobs:
         st.subheader("Running in the background")
         _progress_panel()
@@ -422,10 +432,12 @@ def _status() -> None:
 
 @st.fragment(run_every=1.0)
 def _progress_panel() -> None:
-    """Live progress of background work while the user browses (refreshes itself every second)."""
+    """Live progress of background work while the user browses (refreshes itself every second); once a job
+    with a cancel button ends (done or cancelled), the whole app runs again: the page shows the results and
+    the sidebar drops the button (it is drawn outside this fragment, which cannot remove it)."""
     jobs = data.running_jobs()
-    if not jobs:
-        st.caption("Done: open or refresh a page to see the results.")
+    if {job.key for job in jobs} != st.session_state.get("jobs_shown"):
+        st.rerun(scope="app")
     for job in jobs:
         st.progress(job.fraction if job.fraction is not None else 0.0, text=job.describe())
 
@@ -500,6 +512,8 @@ def notes(result: data.Captured) -> None:
     what the synthetic demo is whenever it is shown."""
     noted = [run for run in result.runs if run.note]
     demo = data.synthetic_note(result) if result.synthetic else ""
+    if data.offline_fallback([run.choice.name for run in result.runs]) != st.session_state.get("hub_fallback_shown"):
+        st.rerun()  # this capture just found the hub unreachable: the sidebar's weights choice says so from now on
     if noted:
         used = "the synthetic demo" if result.synthetic else f"**{data.RANDOM_NOTE}**"
         lines = "\n".join(f"- {run.note}" for run in dict((run.note, run) for run in noted).values())

@@ -92,6 +92,8 @@ def test_every_page_opens_offline_on_the_default_model():
     assert at.title[0].value == "Norm maps"
     (warning,) = at.warning  # one line; the details fold out
     assert warning.value == "Pretrained weights are not available, so these views show the synthetic demo."
+    weights = at.radio(key="weights_mode")  # the choice stays, but says what is shown instead (from the first run on)
+    assert weights.value == "hub" and weights.options[0] == "synthetic demo (pretrained unavailable offline)"
     details = " ".join(m.value for m in at.expander[0].markdown)
     assert "Synthetic demo, not a trained model" in details and "from block 6 of 12 on" in details
     assert "python -m vitlens fetch dinov2_vits14_reg4" in details and "python -m vitlens fetch dinov2_vits14" in details

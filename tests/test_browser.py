@@ -15,6 +15,7 @@ shows, with the synthetic demo's planted artifacts) are written only when missin
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -307,7 +308,7 @@ def _first_visit_offline(page: Page, url: str, log: Callable[[], str]) -> None:
 
 def _choose_synthetic_demo(page: Page, log: Callable[[], str]) -> None:
     """A sidebar radio: the synthetic demo; the fallback warning gives way to a note on what the demo is."""
-    page.locator("[data-testid=stSidebar] [data-testid=stRadio] label").filter(has_text="synthetic demo").click()
+    page.locator("[data-testid=stSidebar] [data-testid=stRadio] label").filter(has_text=re.compile(r"^synthetic demo \(planted")).click()
     expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=FALLBACK_WARNING)).to_have_count(
         0, timeout=PAGE_S * 1000)
     expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=DEMO_NOTE)).to_be_visible()
@@ -423,3 +424,49 @@ def _upload_non_image(page: Page, path: Path, photo: Path, log: Callable[[], str
     settle(page)
     check_no_errors(page, "an upload after a bad one", log)
     assert not sidebar_alerts(page), f"the bad upload's message came back: {sidebar_alerts(page)}"
+
+
+SAW_LOADING_JS = """new MutationObserver((_, observer) => {
+    if ((document.body && document.body.innerText || '').includes('Loading models')) { window.sawLoading = true; observer.disconnect(); }
+}).observe(document, {subtree: true, childList: true, characterData: true});"""
+WEIGHTS_RADIO = "[data-testid=stSidebar] [data-testid=stRadio] label"
+SIDEBAR_CANCEL = "[data-testid=stSidebar] [data-testid=stButton] button"
+
+
+@pytest.mark.timeout(300)
+def test_status_tells_the_truth_in_chromium(server, page: Page) -> None:
+    """A cold start says it is loading; offline the weights choice names the fallback it shows; the histogram's
+    switches read in full; after Cancel no cancel button stays in the sidebar."""
+    url, log = server
+    page.add_init_script(SAW_LOADING_JS)
+    page.goto(url, wait_until="domcontentloaded")
+    charts_drawn(page, 2, FIRST_CAPTURE_S)
+    settle(page)
+    check_no_errors(page, "first visit", log)
+    assert page.evaluate("() => window.sawLoading === true"), "a cold start showed no 'Loading models…'"
+    labels = [label.inner_text().strip() for label in page.locator(WEIGHTS_RADIO).all()]
+    assert "synthetic demo (pretrained unavailable offline)" in labels and not any("pretrained (" in l for l in labels), labels
+    titles = chart_signature(page)
+    assert titles.index("dinov2_vits14<br>") < titles.index("dinov2_vits14_reg4<br>"), "without registers is not left"
+    screenshot(page, "status_norm_maps")
+
+    open_page(page, "Norm histogram", "Norm histogram")
+    charts_drawn(page, 1)
+    settle(page)
+    switches = page.evaluate("""() => [...document.querySelectorAll('[data-testid=stMain] [data-testid=stCheckbox] p')]
+        .map(p => [p.innerText, p.scrollWidth > p.clientWidth + 1 || p.getBoundingClientRect().height > 30])""")
+    assert len(switches) == 3 and not [text for text, cut in switches if cut], f"switch labels cut or wrapped: {switches}"
+    screenshot(page, "status_histogram")
+
+    open_page(page, "Norm maps", "Norm maps")
+    side = page.locator("[data-testid=stSidebar] [data-testid=stNumberInput]").filter(has_text="Input side").locator("input")
+    side.fill("518")
+    side.press("Enter")
+    cancel = page.locator("[data-testid=stMain] [data-testid=stButton] button").filter(has_text=re.compile("^Cancel$"))
+    cancel.click(timeout=PAGE_S * 1000)
+    expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text="Cancelled")).to_be_visible(
+        timeout=PAGE_S * 1000)
+    expect(page.locator(SIDEBAR_CANCEL).filter(has_text="Cancel:")).to_have_count(0, timeout=15_000)
+    settle(page)
+    check_no_errors(page, "after Cancel", log)
+    screenshot(page, "status_after_cancel")

@@ -23,19 +23,18 @@ result = ui.fetch(data.captured, request)
 ui.notes(result)
 
 st.session_state.setdefault("log_y", True)
-controls = st.columns([4, 3, 2, 2, 2])
+controls = st.columns([4, 3])
 with controls[0]:
     layer = ui.layer_slider(result.num_layers)
 with controls[1]:
     others = [l for l in range(result.num_layers) if l != layer]
     st.session_state["extra_layers"] = [l for l in st.session_state.get("extra_layers", []) if l in others]
     extra = st.multiselect("Pool more layers", others, key="extra_layers")
-with controls[2]:
-    post_norm = ui.post_norm_toggle(result, "Post-final-norm", help="The norms after the model's final norm.")
-with controls[3]:
-    log_y = st.toggle("Log-scale counts", key="log_y")
-with controls[4]:
-    per_image = st.toggle("Threshold each image separately", key="per_image_threshold",
+with st.container(horizontal=True, gap="large"):  # switches as wide as their labels, never cut
+    post_norm = ui.post_norm_toggle(result, "Post-norm", help="The norms after the model's final norm (auto threshold "
+                                                              "only); off: before it, where the outliers stand out.")
+    log_y = st.toggle("Log counts", key="log_y", help="Token counts on a log scale, so the few outliers' bars show.")
+    per_image = st.toggle("Per-image threshold", key="per_image_threshold",
                           help="Each image's own auto threshold (per layer) instead of one for the pooled norms.")
 layers = sorted({layer, *extra})
 
