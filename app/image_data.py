@@ -79,7 +79,7 @@ def comparison_grid(request: Request, layer: int, threshold: float | None, share
                     opacity: float = 0.6) -> grid_image.ComparisonGrid:
     """Every chosen image (rows) by every model of the request at one layer, outliers outlined, drawable as
     PNG or SVG. Columns: without registers, with trained registers, with a test-time register."""
-    runs = sorted(captured(request).runs, key=lambda run: (run.choice.register is not None, run.trained_registers > 0))
+    runs = captured(request).runs  # in drawing order (captures.in_drawing_order)
     cells = []
     for index, ref in enumerate(request.images):
         picture = image(ref).image

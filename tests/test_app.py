@@ -709,7 +709,8 @@ def _model_colours(at: AppTest) -> dict[str, dict[str, str]]:
     at.switch_page("views/histogram.py").run()
     seen["histogram"] = {t["name"].split(" (")[0]: t["marker"]["color"] for t in _figures(at)[0]["data"] if t["type"] == "bar"}
     at.switch_page("views/emergence.py").run()
-    seen["emergence"] = {t["name"].split(" (")[0]: t["line"]["color"] for t in _figures(at)[0]["data"] if ":" not in t["name"]}
+    seen["emergence"] = {t["legendgroup"].split(" (")[0]: t["line"]["color"] for t in _figures(at)[0]["data"]
+                         if t["name"] == "outlier share"}
     at.switch_page("views/attention.py").run()
     maps, cls_mass = _figures(at)
     seen["attention maps"] = {a["text"].split(":")[0]: a["font"]["color"] for a in maps["layout"]["annotations"]
