@@ -308,7 +308,7 @@ def _first_visit_offline(page: Page, url: str, log: Callable[[], str]) -> None:
 
 def _choose_synthetic_demo(page: Page, log: Callable[[], str]) -> None:
     """A sidebar radio: the synthetic demo; the fallback warning gives way to a note on what the demo is."""
-    page.locator("[data-testid=stSidebar] [data-testid=stRadio] label").filter(has_text=re.compile(r"^synthetic demo \(planted")).click()
+    page.locator("[data-testid=stSidebar] [data-testid=stRadio] label").filter(has_text=re.compile(r"synthetic demo \(planted")).click()
     expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=FALLBACK_WARNING)).to_have_count(
         0, timeout=PAGE_S * 1000)
     expect(page.locator("[data-testid=stMain] [data-testid=stAlert]").filter(has_text=DEMO_NOTE)).to_be_visible()
