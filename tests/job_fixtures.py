@@ -52,19 +52,23 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VITLENS_MODE": "hosted",
         "PYTHONPATH": str(ROOT),
     })
+    for name in ("results_dir", "datasets_dir", "weights_dir"):
+        if getattr(settings, name) is not None:
+            env[f"VITLENS_{name.upper()}"] = str(getattr(settings, name))
     return env
 
 
 _WORKER = """
 import sys, time
 import vitlens.engine as engine
+import vitlens.sweep as sweep
 delay = float(sys.argv[1])
 if delay:
     original = engine.capture
     def slow_capture(*args, **kwargs):
         time.sleep(delay)
         return original(*args, **kwargs)
-    engine.capture = slow_capture
+    engine.capture = sweep.capture = slow_capture
 from vitlens.cli import main
 sys.exit(main(["worker", *sys.argv[2:]]))
 """

@@ -22,7 +22,7 @@ from .engine import TraceResult
 from .errors import VitlensError
 from .images import DecodedImage
 from .jobs import (CANCELLED, DONE, FAILED, JobCancelledError, JobError, JobLostError, JobQueue, JobSpec, JobStatus,
-                   JobTimeoutError, MalformedJobError, NoWorkerError)
+                   JobTimeoutError, MalformedJobError, NoWorkerError, SweepJobSpec)
 from .models import resolve_spec, weights_fingerprint
 from .settings import Settings
 from .store import CaptureOptions, TraceStore
@@ -103,6 +103,32 @@ class Client:
                 seconds, the worker cancels it. Unwatched jobs run regardless.
         """
         return self._submit(images, model, weights, options, watched)[0]
+
+    def submit_sweep(self, spec: SweepJobSpec) -> JobStatus:
+        """Check a sweep request against the deployment and queue it, unwatched (it runs whether or not
+        a page waits), or join the same sweep while it runs.
+
+        A sweep that is done, failed or cancelled is queued again: it continues where its results folder stands.
+
+        Raises:
+            OptionError, UnknownModelError, WeightsError: a name the deployment does not offer.
+        """
+        self.settings.resolve_dataset(spec.images)
+        self.settings.resolve_results(spec.out)
+        self.settings.check_side(spec.size)
+        for model in spec.models:
+            self.settings.check_model(model)
+            resolve_spec(model)
+        for weights in spec.weights:
+            self.settings.resolve_weights(weights)
+        if self.settings.mode == "embedded":
+            self.ensure_worker()
+        return self.queue.submit(spec, rerun=True)
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """The job's status (None: no such job), after handing the jobs of dead workers back to the queue."""
+        self.queue.recover()
+        return self.queue.status(job_id)
 
     def cancel(self, job_id: str, reason: str = "Cancelled by its user.") -> bool:
         """Cancel a queued or running job (the worker stops after its current batch); False when already finished."""

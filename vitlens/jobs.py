@@ -1,11 +1,12 @@
 """The persistent capture-job queue shared by every app session and worker on one machine.
 
 A job is one capture request: images (by pixel digest; the worker reads their PNG from the
-queue's image folder), a model, its weights and the ``CaptureOptions``. Its id is a hash of
-all of that, so identical requests share one job. Status: ``queued`` (with its position),
-``running`` (images done of total), ``done`` (the ``TraceStore`` keys of the results; traces
-never travel through the queue), ``failed`` (one sentence) or ``cancelled`` (one sentence: who
-cancelled it, or that nobody was waiting for it any more).
+queue's image folder), a model, its weights and the ``CaptureOptions``; or one sweep of an
+image folder into a results folder (``SweepJobSpec``, names only). Its id is a hash of all of
+that, so identical requests share one job. Status: ``queued`` (with its position), ``running``
+(images done of total), ``done`` (the ``TraceStore`` keys of the results, or a sweep's summary;
+traces never travel through the queue), ``failed`` (one sentence) or ``cancelled`` (one
+sentence: who cancelled it, or that nobody was waiting for it any more).
 
 A client that waits for a job submits it *watched* and touches it while it polls; a watched
 job nobody touched for ``watch_lease`` seconds (its page was closed, its app process died) is
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 ACTIVE = (QUEUED, RUNNING)
+SWEEP = "sweep"  # ``kind`` of a sweep job's spec (capture specs carry no kind)
 JOB_RETENTION = 24 * 3600.0  # seconds finished jobs and unused images are kept
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -173,9 +175,79 @@ class JobSpec:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:24]
 
     @property
+    def total(self) -> int:
+        """Images in the job."""
+        return len(self.images)
+
+    @property
     def group(self) -> str:
         """Jobs with the same group can run in one batch (same model, weights and options)."""
         return json.dumps([self.model, self.weights, asdict(self.options)], sort_keys=True)
+
+
+@dataclass(frozen=True)
+class SweepJobSpec:
+    """A sweep run by a worker (``vitlens.sweep_job``): names the deployment resolves, never paths.
+
+    Attributes:
+        images: Image folder inside ``Settings.datasets_dir`` (``.`` for the folder itself).
+        models: Presets or timm ViT names.
+        weights: ``hub``, ``random``, ``synthetic`` or file names inside ``Settings.weights_dir``.
+        out: Results folder inside ``Settings.results_dir``.
+        size: Input side in pixels; None: each model's own.
+    """
+
+    images: str
+    models: tuple[str, ...]
+    weights: tuple[str, ...]
+    out: str
+    size: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": SWEEP, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SweepJobSpec:
+        """Parse a stored sweep spec.
+
+        Raises:
+            MalformedJobError: not JSON, not a sweep, or fields missing or of the wrong type.
+        """
+        try:
+            data = json.loads(text)
+            if data["kind"] != SWEEP:
+                raise ValueError(f"kind {str(data['kind'])[:20]}")
+            spec = cls(images=_typed(data["images"], str), models=tuple(_typed(m, str) for m in data["models"]),
+                       weights=tuple(_typed(w, str) for w in data["weights"]), out=_typed(data["out"], str),
+                       size=None if data["size"] is None else _typed(data["size"], int))
+        except (ValueError, KeyError, TypeError) as error:
+            raise MalformedJobError(f"The sweep job is malformed ({type(error).__name__}: {str(error)[:80]}).") from error
+        if not spec.models or not spec.weights:
+            raise MalformedJobError("The sweep job names no model or no weights.")
+        return spec
+
+    @property
+    def job_id(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:24]
+
+    @property
+    def total(self) -> int:
+        """Unknown until the worker has looked at the folders: 0 (the worker sets it)."""
+        return 0
+
+    @property
+    def group(self) -> None:
+        """Sweeps never share a batch."""
+        return None
+
+
+def is_sweep(spec: str) -> bool:
+    """Whether a stored spec is a sweep's (anything unreadable is left to ``JobSpec.from_json`` to reject)."""
+    try:
+        data = json.loads(spec)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("kind") == SWEEP
 
 
 def _register(data: dict | None) -> TestTimeRegister | None:
@@ -200,14 +272,17 @@ class JobStatus:
         job_id: Stable id of the request.
         state: ``queued``, ``running``, ``done``, ``failed`` or ``cancelled``.
         position: Queued jobs ahead of this one (queued only).
-        done: Images captured so far.
-        total: Images in the job.
+        done: Images captured so far (a sweep: image x weights pairs).
+        total: Images in the job (a sweep: pairs to run, 0 until the worker has planned it).
         attempts: How many times a worker took the job.
         message: Why it failed or was cancelled, or a note such as a re-queue after a worker died.
         error: Name of the ``VitlensError`` subclass behind a failure, if any.
         keys: ``TraceStore`` keys of the results in image order (done only).
         cached: Per image, whether the worker found the trace in the store (done only).
         worker: The worker that holds the job (running) or that finished it.
+        summary: A done sweep's ``SweepSummary.to_json()``.
+        started: When a worker last took the job (``time.time()``), None before.
+        finished_at: When it finished, None before.
     """
 
     job_id: str
@@ -221,10 +296,21 @@ class JobStatus:
     keys: tuple[str, ...] = ()
     cached: tuple[bool, ...] = ()
     worker: str | None = None
+    summary: dict | None = None
+    started: float | None = None
+    finished_at: float | None = None
 
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+    @property
+    def rate(self) -> float | None:
+        """Images (a sweep: pairs) per second since a worker took the job; None before it did."""
+        if self.started is None or not self.done:
+            return None
+        elapsed = (self.finished_at or time.time()) - self.started
+        return self.done / elapsed if elapsed > 0 else None
 
     def describe(self) -> str:
         """A short line for a status panel."""
@@ -331,12 +417,13 @@ class JobQueue:
         return image
 
     # -- submitting and reading --------------------------------------------------------------
-    def submit(self, spec: JobSpec, rerun: bool = False, watched: bool = False) -> JobStatus:
+    def submit(self, spec: JobSpec | SweepJobSpec, rerun: bool = False, watched: bool = False) -> JobStatus:
         """Queue ``spec`` unless the same job is queued, running or done; a failed or cancelled job is queued again.
 
         Args:
-            spec: The request; its images must have been stored with ``put_image``.
-            rerun: Queue it again even when it is done (its results were evicted from the store).
+            spec: The request; a capture's images must have been stored with ``put_image``.
+            rerun: Queue it again even when it is done (its results were evicted from the store; a sweep
+                to run again, which continues where its results folder stands).
             watched: The caller will ``touch`` the job while it waits; once nobody has for
                 ``watch_lease`` seconds, the worker cancels it. Joining a job someone submitted
                 unwatched leaves it unwatched (that submitter wants it whatever happens).
@@ -348,11 +435,11 @@ class JobQueue:
             if row is None:
                 conn.execute("INSERT INTO jobs (id, seq, spec, grp, state, total, submitted, watched) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (job_id, _next_seq(conn), spec.to_json(), spec.group, QUEUED, len(spec.images), now, watch))
+                             (job_id, _next_seq(conn), spec.to_json(), spec.group, QUEUED, spec.total, now, watch))
             elif row[0] in (FAILED, CANCELLED) or (rerun and row[0] == DONE):
-                conn.execute("UPDATE jobs SET state = ?, seq = ?, done = 0, attempts = 0, worker = NULL, message = NULL, "
-                             "error = NULL, result = NULL, submitted = ?, started = NULL, finished = NULL, watched = ? "
-                             "WHERE id = ?", (QUEUED, _next_seq(conn), now, watch, job_id))
+                conn.execute("UPDATE jobs SET state = ?, seq = ?, done = 0, total = ?, attempts = 0, worker = NULL, "
+                             "message = NULL, error = NULL, result = NULL, submitted = ?, started = NULL, finished = NULL, "
+                             "watched = ? WHERE id = ?", (QUEUED, _next_seq(conn), spec.total, now, watch, job_id))
             elif row[0] in ACTIVE and (not watched or row[1] is not None):
                 conn.execute("UPDATE jobs SET watched = ? WHERE id = ?", (watch, job_id))
         return self.status(job_id)
@@ -378,20 +465,19 @@ class JobQueue:
     def status(self, job_id: str) -> JobStatus | None:
         """The job's status, or None when there is no such job."""
         with self._connect() as conn:
-            row = conn.execute("SELECT state, seq, done, total, attempts, message, error, result, worker FROM jobs "
-                               "WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT state, seq, done, total, attempts, message, error, result, worker, started, finished "
+                               "FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
-            state, seq, done, total, attempts, message, error, result, worker = row
+            state, seq, done, total, attempts, message, error, result, worker, started, finished = row
             position = None
             if state == QUEUED:
                 position = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ? AND seq < ?", (QUEUED, seq)).fetchone()[0]
-        keys, cached = (), ()
-        if result:
-            stored = json.loads(result)
-            keys, cached = tuple(stored["keys"]), tuple(stored["cached"])
+        stored = json.loads(result) if result else {}
         return JobStatus(job_id=job_id, state=state, position=position, done=done, total=total, attempts=attempts,
-                         message=message, error=error, keys=keys, cached=cached, worker=worker)
+                         message=message, error=error, keys=tuple(stored.get("keys", ())),
+                         cached=tuple(stored.get("cached", ())), worker=worker, summary=stored.get("summary"),
+                         started=started, finished_at=finished)
 
     def counts(self) -> dict[str, int]:
         """Number of jobs per state."""
@@ -436,15 +522,20 @@ class JobQueue:
                                 (RUNNING, worker_id, *job_ids)).fetchall()
         return {row[0] for row in rows}
 
-    def progress(self, job_id: str, worker_id: str, done: int) -> bool:
-        """Record images done; False when the job is no longer this worker's."""
-        return self._update_own(job_id, worker_id, "done = ?", (done,))
+    def progress(self, job_id: str, worker_id: str, done: int, total: int | None = None) -> bool:
+        """Record images done (and the total, when given); False when the job is no longer this worker's."""
+        return self._update_own(job_id, worker_id, "done = ?, total = COALESCE(?, total)", (done, total))
 
     def complete(self, job_id: str, worker_id: str, keys: Sequence[str], cached: Sequence[bool]) -> bool:
         """Mark the job done with the store keys of its traces; False when it is no longer this worker's."""
         result = json.dumps({"keys": list(keys), "cached": [bool(c) for c in cached]})
         return self._update_own(job_id, worker_id, "state = ?, done = total, result = ?, message = NULL, error = NULL, finished = ?",
                                 (DONE, result, time.time()))
+
+    def finish_sweep(self, job_id: str, worker_id: str, summary: dict) -> bool:
+        """Mark a sweep done with its summary; False when it is no longer this worker's (e.g. cancelled)."""
+        return self._update_own(job_id, worker_id, "state = ?, result = ?, message = NULL, error = NULL, finished = ?",
+                                (DONE, json.dumps({"summary": summary}), time.time()))
 
     def fail(self, job_id: str, worker_id: str, message: str, error: str | None = None) -> bool:
         """Mark the job failed with one sentence; False when it is no longer this worker's."""
@@ -531,7 +622,7 @@ class JobQueue:
         in_use = set()
         for (text,) in active:
             with contextlib.suppress(MalformedJobError):
-                in_use.update(JobSpec.from_json(text).images)
+                in_use.update(() if is_sweep(text) else JobSpec.from_json(text).images)
         for path in self.images_dir.glob("*.png"):
             with contextlib.suppress(OSError):
                 if path.stem not in in_use and path.stat().st_mtime < cutoff:

@@ -10,6 +10,7 @@ without prefix attention (a sweep needs norms only).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import math
 import os
@@ -43,6 +44,7 @@ ENGINES = ("local", "ray")
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _TMP_PREFIX = ".part-"  # dataset readers skip names starting with '.'
+_LOCK_NAME = ".sweep.lock"
 
 SCHEMA = pa.schema([
     ("model", pa.string()), ("weights", pa.string()), ("step", pa.int64()), ("image", pa.string()),
@@ -237,16 +239,18 @@ def run_sweep(
     items = find_images(images, exclude=out)
     checkpoints = find_checkpoints(weights)
     out.mkdir(parents=True, exist_ok=True)
-    tasks, skipped = plan_tasks(models, checkpoints, items, done_keys(out), batch)
-    started = time.perf_counter()
-    if engine == "ray":
-        from .sweep_ray import run_ray
+    with writing(out):
+        tasks, skipped = plan_tasks(models, checkpoints, items, done_keys(out), batch)
+        started = time.perf_counter()
+        if engine == "ray":
+            from .sweep_ray import run_ray
 
-        results = run_ray(tasks, config, ray_address, store.directory if store is not None else None)
-    else:
-        results = run_local(tasks, SweepRunner(config, resolve_device(device), store))
-    computed, failed, stopped = write_results(results, out, sum(len(task.images) for task in tasks), progress, should_stop)
-    elapsed = time.perf_counter() - started
+            results = run_ray(tasks, config, ray_address, store.directory if store is not None else None)
+        else:
+            results = run_local(tasks, SweepRunner(config, resolve_device(device), store))
+        total = sum(len(task.images) for task in tasks)
+        computed, failed, stopped = write_results(results, out, total, progress, should_stop)
+        elapsed = time.perf_counter() - started
     if not computed and not skipped and not stopped and len(failed) == len(items):
         raise ImageError(f"No readable image among the {len(items)} files at '{images}'; e.g. {next(iter(failed.values()))}")
     return SweepSummary(rows=count_rows(out), computed=computed, skipped=skipped,
@@ -273,6 +277,18 @@ def sweep_progress_bar() -> Iterator[Progress]:
     finally:
         for bar in bars:
             bar.close()
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Hold the results folder's lock (``out/.sweep.lock``): a second sweep into the same folder waits
+    until this one ends, then plans from the rows written meanwhile, so no row is computed twice."""
+    with open(out / _LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_results(results: Iterator[TaskResult], out: Path, total: int, progress: Progress | None = None,

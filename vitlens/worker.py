@@ -5,6 +5,7 @@ and options) as one batched ``Engine.traces`` call, writes the traces to the ``T
 and records their keys in the job. A heartbeat thread renews its lease, so a worker that dies
 (even by SIGKILL) has its running jobs re-queued by the next worker, or failed with a reason
 once they have been started ``job_attempts`` times. A failure fails only the jobs it belongs to.
+Sweep jobs (``SweepJobSpec``) run one at a time through ``vitlens.sweep_job``.
 Between batches the worker asks the queue which of its jobs are still wanted: a batch whose
 jobs were all cancelled (by their user, or because nobody polled them for ``job_lease``
 seconds) stops there, and the worker takes the next job.
@@ -26,10 +27,11 @@ from .capture import PRECISIONS
 from .engine import Engine
 from .errors import OptionError, StorageError, VitlensError
 from .images import DecodedImage
-from .jobs import ClaimedJob, JobQueue, JobSpec, MalformedJobError
+from .jobs import ClaimedJob, JobQueue, JobSpec, MalformedJobError, is_sweep
 from .models import resolve_spec
 from .settings import Settings
 from .store import CaptureOptions, TraceStore
+from .sweep_job import SweepJobRunner
 
 log = logging.getLogger(__name__)
 PRUNE_EVERY = 600.0  # seconds between clean-ups of old jobs and images
@@ -70,6 +72,7 @@ class Worker:
                                        max_batch=settings.worker_batch)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.jobs_run = 0
+        self.stopping = threading.Event()  # ``run``'s stop: a running sweep ends at its next batch boundary
 
     def run(self, stop: threading.Event | None = None, max_jobs: int | None = None) -> None:
         """Register, then claim and run jobs until ``stop`` is set (or ``max_jobs`` are finished).
@@ -77,7 +80,7 @@ class Worker:
         A stop request lets the running batch finish; jobs still held on the way out (an
         exception, a second signal) go back to the queue.
         """
-        stop = stop or threading.Event()
+        stop = self.stopping = stop or threading.Event()
         self.queue.register(self.worker_id, device=str(self.engine.device))
         beating = threading.Event()
         heart = threading.Thread(target=self._beat, args=(beating,), name="vitlens-heartbeat", daemon=True)
@@ -130,7 +133,11 @@ class Worker:
     def run_once(self) -> int:
         """Claim one batch of compatible jobs and run it; returns the number of jobs claimed."""
         claimed = self.queue.claim(self.worker_id, max_images=self.engine.max_batch)
-        ready = [job for job in map(self._prepare, claimed) if job is not None]
+        sweeps = [job for job in claimed if is_sweep(job.spec)]  # claimed alone: a sweep has no batch group
+        for job in sweeps:
+            SweepJobRunner(self.settings, self.queue, self.store, self.worker_id, str(self.engine.device), self.stopping).run(job)
+        captures = [job for job in claimed if job not in sweeps]
+        ready = [job for job in map(self._prepare, captures) if job is not None]
         groups: dict[tuple, list[_Ready]] = {}
         for job in ready:
             groups.setdefault((job.spec.model, job.weights, job.options), []).append(job)
