@@ -239,14 +239,22 @@ def _hosted_traces(images: Sequence[DecodedImage], model: str, weights: str, opt
     """Captures queued for ``python -m vitlens worker`` (``VITLENS_MODE=hosted``)."""
     from vitlens.client import get_client
 
+    report = (lambda status: progress(status.done, max(status.total, 1))) if progress else None
+    return get_client(settings()).compute_traces(images, model, worker_weights(weights), options, report)
+
+
+def worker_weights(weights: str) -> str:
+    """How the worker names a weights choice: hub/random/synthetic, or a file name in the weights folder.
+
+    Raises:
+        WeightsError: an uploaded file, or a sweep's checkpoint outside the weights folder.
+    """
     if weights.startswith(WEIGHTS_UPLOAD_PREFIX):
         raise WeightsError("Uploaded weights files work only when the app runs its own captures (VITLENS_MODE=embedded); "
                            "put the file in the weights folder instead.")
-    name = weights[len(WEIGHTS_FILE_PREFIX):] if weights.startswith(WEIGHTS_FILE_PREFIX) else weights
     if weights.startswith(SWEEP_WEIGHTS_PREFIX):
-        name = _worker_name(sweep_checkpoint(weights))
-    report = (lambda status: progress(status.done, max(status.total, 1))) if progress else None
-    return get_client(settings()).compute_traces(images, model, name, options, report)
+        return _worker_name(sweep_checkpoint(weights))
+    return weights[len(WEIGHTS_FILE_PREFIX):] if weights.startswith(WEIGHTS_FILE_PREFIX) else weights
 
 
 def _worker_name(weights: str) -> str:

@@ -19,14 +19,19 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import streamlit as st
 
 from vitlens.errors import VitlensError
 from vitlens.settings import Settings
 
+if TYPE_CHECKING:
+    from vitlens.client import Client
+    from vitlens.jobs import JobStatus
+
 ABANDON_S = 20.0  # seconds without anyone waiting after which a job stops
+WORKER_POLL_S = 0.5  # seconds between reads of a worker job's status while a page waits for it
 SESSION_JOBS = "my_jobs"  # session-state key: the keys of the jobs this session asked for
 HOSTED_CAPTURE_THREADS = 4  # hosted mode: capture threads only wait on the queue (the worker batches their jobs)
 
@@ -104,6 +109,60 @@ class Job:
     def describe(self) -> str:
         elapsed = time.monotonic() - self.started
         return f"{self.label}: {self.stage} ({elapsed:.0f} s)"
+
+
+class WorkerJob:
+    """A job in the worker's queue (hosted mode), shown like a ``Job``: progress, images/s and a cancel button.
+
+    It runs on the worker whether or not a page waits for it; ``cancel`` stops it at the worker's
+    next batch boundary.
+    """
+
+    def __init__(self, client: Client, job_id: str, label: str) -> None:
+        self.client, self.key, self.label = client, job_id, label
+        self._status = client.status(job_id)
+        self._read = time.monotonic()
+
+    @property
+    def status(self) -> JobStatus | None:
+        """The job's status (read again at most every ``WORKER_POLL_S``); None when it left the queue."""
+        if time.monotonic() - self._read > WORKER_POLL_S:
+            self._status, self._read = self.client.status(self.key), time.monotonic()
+        return self._status
+
+    @property
+    def finished(self) -> bool:
+        return self.status is None or self.status.finished
+
+    @property
+    def done(self) -> int:
+        return self.status.done if self.status is not None else 0
+
+    @property
+    def total(self) -> int:
+        return self.status.total if self.status is not None else 0
+
+    @property
+    def fraction(self) -> float | None:
+        return min(1.0, self.done / self.total) if self.total else None
+
+    def touch(self) -> None:
+        """Nothing to keep alive: the worker runs the job until it ends or is cancelled."""
+
+    def cancel(self) -> None:
+        self._status, self._read = self.client.cancel(self.key), time.monotonic()
+
+    def describe(self) -> str:
+        """Queue position, or images done of total and images/s, or that it is stopping."""
+        status = self.status
+        if status is None:
+            return f"{self.label}: no longer in the job queue"
+        if status.state == "running" and status.total:
+            rate = f", {status.rate:.1f} images/s" if status.rate else ""
+            return f"{self.label} on the worker: {status.done} of {status.total} images{rate}"
+        if status.state == "queued" and not self.client.queue.workers():
+            return f"{self.label}: {status.describe()}; no worker is running (start `python -m vitlens worker`)"
+        return f"{self.label}: {status.describe()}"
 
 
 class JobBoard:

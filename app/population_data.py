@@ -1,8 +1,9 @@
 """View models of the population pages (Training, Models, Dataset) and sweeps started from the app.
 
 A results folder is a subfolder of ``Settings.results_dir`` named in the sidebar; images are
-found in the image folders of ``Settings.datasets_dir``. Reading a folder whose sweep this
-process is running raises ``Pending`` (the page shows its progress and a cancel button).
+found in the image folders of ``Settings.datasets_dir``. Reading a folder whose sweep is running
+raises ``Pending`` (the page shows its progress and a cancel button). A sweep started here runs
+in a background thread of this process (embedded mode) or as a job on the worker (hosted mode).
 """
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
+from captures import worker_weights
 from choices import check_model, sweep_weights, weights_path
 from figures import Table, role_of, role_rank
-from jobs import Job, boards
+from jobs import Job, Pending, WorkerJob, boards
 from resources import engine, settings
 from uploads import add_upload
 from vitlens.analysis.population import (LIST_COLUMNS, DatasetSummary, DepthProfile, ImageOutliers, Series,
                                          TrainingSeries, dataset_summary, model_profiles, read_results, series_of,
                                          top_images, training_series)
 from vitlens.errors import ImageError, OptionError
+from vitlens.jobs import CANCELLED, FAILED, JobError, SweepJobSpec
 
 APP_NOTE = "_vitlens_app.json"  # what a sweep started here records (ignored by Parquet readers: leading underscore)
 THUMB_PX = 160
@@ -51,12 +54,15 @@ def results(name: str, lists: bool = False) -> pd.DataFrame:
     """The rows of results folder ``name`` (with the list columns when ``lists``).
 
     Raises:
-        Pending: this process is running a sweep into the folder.
+        Pending: a sweep started here (or, hosted, on the worker) into the folder is running.
         OptionError, ResultsError: no such folder, or not sweep results.
     """
-    job = boards()["sweep"].get(_sweep_key(name))
-    if job is not None:
-        boards()["sweep"].result(job)  # Pending while it runs; its error once
+    if _hosted():
+        _check_worker_sweep(name)
+    else:
+        job = boards()["sweep"].get(_sweep_key(name))
+        if job is not None:
+            boards()["sweep"].result(job)  # Pending while it runs; its error once
     path = settings().resolve_results(name)
     return _frame(str(path), _signature(path), lists)
 
@@ -215,8 +221,8 @@ def image_path(name: str, image: str) -> Path:
     config = settings()
     if config.datasets_dir is None:
         raise ImageError("Images of results cannot be shown: image folders are not enabled (VITLENS_DATASETS_DIR).")
-    note = config.resolve_results(name) / APP_NOTE
-    folders = [json.loads(note.read_text())["images"]] if note.is_file() else config.dataset_folders()
+    note = _note(name)
+    folders = [note["images"]] if "images" in note else config.dataset_folders()
     for folder in folders:
         base = config.resolve_dataset(folder).resolve()
         path = (base / image).resolve()
@@ -244,14 +250,55 @@ def _sweep_key(name: str) -> str:
     return f"sweep|{name}"
 
 
+def _hosted() -> bool:
+    return settings().mode == "hosted"
+
+
+def _note(name: str) -> dict:
+    """What the last sweep started here into ``name`` recorded (``images``; hosted: ``job``), {} when none."""
+    path = settings().resolve_results(name) / APP_NOTE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _client():
+    from vitlens.client import get_client  # hosted mode only
+
+    return get_client(settings())
+
+
+def _worker_sweep(name: str) -> WorkerJob | None:
+    """The worker job of the last sweep started from the app into ``name`` (hosted mode), None when none."""
+    note = _note(name)
+    return WorkerJob(_client(), note["job"], f"Sweep of {note['images']} into {name}") if "job" in note else None
+
+
+def _check_worker_sweep(name: str) -> None:
+    """Raise ``Pending`` while the worker's sweep into ``name`` runs, its failure when it wrote no rows.
+
+    Raises:
+        Pending: the sweep is queued or running.
+        JobError: it failed before writing any row (otherwise ``sweep_note`` tells).
+    """
+    job = _worker_sweep(name)
+    if job is None:
+        return
+    if not job.finished:
+        raise Pending(job)
+    if job.status is not None and job.status.state == FAILED and not any(settings().resolve_results(name).glob("*.parquet")):
+        raise JobError(f"The sweep into '{name}' failed on the worker: {job.status.message}")
+
+
 def sweeping(name: str) -> bool:
-    """Whether this process is running a sweep into results folder ``name``."""
-    job = boards()["sweep"].get(_sweep_key(name))
+    """Whether a sweep started here (hosted: on the worker) into results folder ``name`` is running."""
+    job = _worker_sweep(name) if _hosted() else boards()["sweep"].get(_sweep_key(name))
     return job is not None and not job.finished
 
 
-def start_sweep(request: SweepRequest) -> Job:
+def start_sweep(request: SweepRequest) -> Job | WorkerJob:
     """Run a sweep in the background (one at a time per results folder); the pages show its progress.
+
+    Embedded, it runs in a thread of this process; hosted, it is queued for the worker (starting
+    the same sweep again joins it while it runs, and continues it once it stopped).
 
     Raises:
         OptionError, UnknownModelError, WeightsError: a name the deployment does not offer.
@@ -263,8 +310,10 @@ def start_sweep(request: SweepRequest) -> Job:
         raise OptionError("Choose at least one model and one weights choice for the sweep.")
     for model in request.models:
         check_model(model)
-    weights = [weights_path(choice) for choice in request.weights]
     config.check_side(request.size)
+    if _hosted():
+        return _queue_sweep(request, out)
+    weights = [weights_path(choice) for choice in request.weights]
     board = boards()["sweep"]
     key = _sweep_key(request.out)
     job = board.get(key)
@@ -272,6 +321,16 @@ def start_sweep(request: SweepRequest) -> Job:
         board.forget(key)
     label = f"Sweep of {request.images} into {request.out}"
     return board.run(key, label, lambda job: _sweep(job, request, images, weights, out))
+
+
+def _queue_sweep(request: SweepRequest, out: Path) -> WorkerJob:
+    """Queue the sweep for the worker and record its job in the results folder (so every app process finds it)."""
+    spec = SweepJobSpec(images=request.images, models=request.models, out=request.out, size=request.size,
+                        weights=tuple(worker_weights(choice) for choice in request.weights))
+    status = _client().submit_sweep(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / APP_NOTE).write_text(json.dumps({"images": request.images, "job": status.job_id}))
+    return WorkerJob(_client(), status.job_id, f"Sweep of {request.images} into {request.out}")
 
 
 def _sweep(job: Job, request: SweepRequest, images: Path, weights: list[str], out: Path) -> object:
@@ -288,15 +347,33 @@ def _sweep(job: Job, request: SweepRequest, images: Path, weights: list[str], ou
 
 
 def sweep_note(name: str) -> str | None:
-    """What the last sweep into ``name`` left to say: stopped early, or files it skipped (None: nothing)."""
+    """What the last sweep into ``name`` left to say: failed, stopped early, or files it skipped (None: nothing)."""
+    if _hosted():
+        return _worker_sweep_note(name)
     job = boards()["sweep"].get(_sweep_key(name))
     if job is None or not job.finished or job.future.cancelled() or job.future.exception() is not None:
         return None
     summary = job.future.result()
-    notes = [f"The sweep was cancelled; its {summary.rows} rows so far are shown. Start it again to continue."] if summary.stopped else []
-    if summary.failed:
-        notes.append(f"{len(summary.failed)} files were not readable images and were skipped: "
-                     + ", ".join(f"{f['image']} ({f['reason']})" for f in summary.failed[:5]))
+    return _summary_note(summary.rows, summary.stopped, summary.failed)
+
+
+def _worker_sweep_note(name: str) -> str | None:
+    job = _worker_sweep(name)
+    status = job.status if job is not None else None
+    if status is None or not status.finished:
+        return None
+    if status.state == FAILED:
+        return f"The last sweep into this folder failed on the worker: {status.message} The rows it wrote are shown."
+    if status.summary is None:  # cancelled while queued
+        return "The sweep was cancelled before the worker started it. Start it again to run it."
+    return _summary_note(status.summary["rows"], status.state == CANCELLED, status.summary["failed"])
+
+
+def _summary_note(rows: int, stopped: bool, failed: list[dict]) -> str | None:
+    notes = [f"The sweep was cancelled; its {rows} rows so far are shown. Start it again to continue."] if stopped else []
+    if failed:
+        notes.append(f"{len(failed)} files were not readable images and were skipped: "
+                     + ", ".join(f"{f['image']} ({f['reason']})" for f in failed[:5]))
     return " ".join(notes) or None
 
 

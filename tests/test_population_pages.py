@@ -1,5 +1,6 @@
 """The Training, Models and Dataset pages under AppTest, on results folders the tests write in the sweep schema."""
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -9,6 +10,10 @@ from app_fixtures import APP, TINY, TINY_SIDE, planted_weights, png_bytes, regis
 from conftest import PLANTED_CELLS, PLANTED_LAYER
 from population_fixtures import (TRAIN_EMERGES, TRAIN_LAYER, TRAIN_STEPS, results_rows, training_results,
                                  write_results)
+from vitlens.jobs import JobQueue
+from vitlens.settings import Settings
+from vitlens.sweep import checkpoint_step
+from vitlens.worker import Worker
 
 TIMEOUT = 120
 
@@ -148,8 +153,8 @@ def test_population_pages_say_how_to_enable_them(monkeypatch):
     assert "set VITLENS_RESULTS_DIR" in at.info[0].value
 
 
-def test_a_sweep_started_from_the_sidebar_runs_in_the_background_and_opens(tmp_path, monkeypatch):
-    """The real ``vitlens.sweep.run_sweep`` on the tiny pair: planted weights show outliers from their block, random none."""
+def _sweep_folders(tmp_path, monkeypatch) -> None:
+    """Image, weights (the tiny pair: planted and random) and results folders of a sweep from the sidebar."""
     register_tiny_models()
     weights, images = tmp_path / "weights", tmp_path / "datasets"
     weights.mkdir()
@@ -162,6 +167,9 @@ def test_a_sweep_started_from_the_sidebar_runs_in_the_background_and_opens(tmp_p
         monkeypatch.setenv(f"VITLENS_{name}_DIR", str(folder))
     (tmp_path / "results").mkdir()
 
+
+def _sweep_from_the_sidebar() -> AppTest:
+    """Fill the sidebar's sweep form and start it; the page waits for the sweep, then draws it."""
     at = _open("views/training.py")
     assert "No results folders" in at.info[0].value
     at.selectbox(key="sweep_images").set_value(".")
@@ -169,14 +177,43 @@ def test_a_sweep_started_from_the_sidebar_runs_in_the_background_and_opens(tmp_p
     at.multiselect(key="sweep_weights").set_value(["file:tiny_planted.safetensors", "random"])
     at.number_input(key="sweep_size").set_value(TINY_SIDE)
     at.text_input(key="sweep_out").set_value("from-app")
-    at.button(key="sweep_start").click().run()  # the page waits for the background sweep, then draws it
+    return at.button(key="sweep_start").click().run()  # the page waits for the background sweep, then draws it
+
+
+def _assert_the_sweep_opened(at: AppTest, tmp_path) -> None:
+    """Planted weights show outliers from their block, random none; the unreadable file is reported."""
     _ok(at)
     assert at.selectbox(key="results_folder").value == "from-app"
-    # the step of a checkpoint is the last integer in its path: here the 0 of pytest's tmp_path
-    assert any(f"First checkpoint with outliers: **step 0** (from layer {PLANTED_LAYER}), checkpoint 1 of 2" in m.value
+    step = checkpoint_step(str(tmp_path / "weights" / "tiny_planted.safetensors"))  # the number in pytest's tmp_path
+    assert any(f"First checkpoint with outliers: **step {step}** (from layer {PLANTED_LAYER}), checkpoint 1 of 2" in m.value
                for m in at.markdown)
     assert "1 files were not readable images and were skipped: notes.png" in at.warning[0].value
     heat = _figures(at)[0]
-    assert heat["data"][0]["y"] == ["step 0", "random"]
+    assert heat["data"][0]["y"] == [f"step {step}", "random"]
     share = _values(heat["data"][0]["z"])
     assert share[0, PLANTED_LAYER:].min() == pytest.approx(100 * len(PLANTED_CELLS) / 64) and share[1].max() == 0
+
+
+def test_a_sweep_started_from_the_sidebar_runs_in_the_background_and_opens(tmp_path, monkeypatch):
+    """The real ``vitlens.sweep.run_sweep`` in a thread of the app process (embedded mode)."""
+    _sweep_folders(tmp_path, monkeypatch)
+    _assert_the_sweep_opened(_sweep_from_the_sidebar(), tmp_path)
+
+
+def test_a_sweep_started_from_the_sidebar_in_hosted_mode_runs_on_the_worker(tmp_path, monkeypatch):
+    """Hosted, the app queues the sweep; a worker (a thread here, so it knows the tiny models) runs it."""
+    _sweep_folders(tmp_path, monkeypatch)
+    monkeypatch.setenv("VITLENS_MODE", "hosted")
+    monkeypatch.setenv("VITLENS_POLL_INTERVAL", "0.05")
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: Worker(Settings.from_env(), worker_id="page-worker").run(stop), daemon=True)
+    worker.start()
+    try:
+        at = _sweep_from_the_sidebar()
+    finally:
+        stop.set()
+        worker.join(30)
+    note = json.loads((tmp_path / "results" / "from-app" / "_vitlens_app.json").read_text())
+    status = JobQueue(Settings.from_env().queue_dir).status(note["job"])
+    _assert_the_sweep_opened(at, tmp_path)
+    assert (status.state, status.worker, status.done, status.total) == ("done", "page-worker", 6, 6)  # 3 files x 2 weights
