@@ -150,10 +150,11 @@ class WorkerJob:
         """Nothing to keep alive: the worker runs the job until it ends or is cancelled."""
 
     def cancel(self) -> None:
-        self._status, self._read = self.client.cancel(self.key), time.monotonic()
+        self.client.cancel(self.key, "Cancelled by its user; the rows already written are kept.")
+        self._read = 0.0  # read the status again at the next look
 
     def describe(self) -> str:
-        """Queue position, or images done of total and images/s, or that it is stopping."""
+        """Queue position, or images done of total and images/s, or how it ended."""
         status = self.status
         if status is None:
             return f"{self.label}: no longer in the job queue"

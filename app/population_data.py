@@ -364,9 +364,9 @@ def _worker_sweep_note(name: str) -> str | None:
         return None
     if status.state == FAILED:
         return f"The last sweep into this folder failed on the worker: {status.message} The rows it wrote are shown."
-    if status.summary is None:  # cancelled while queued
-        return "The sweep was cancelled before the worker started it. Start it again to run it."
-    return _summary_note(status.summary["rows"], status.state == CANCELLED, status.summary["failed"])
+    if status.state == CANCELLED:  # the worker stops at its next batch boundary
+        return "The sweep was cancelled; the rows it wrote so far are shown. Start it again to continue."
+    return _summary_note(status.summary["rows"], False, status.summary["failed"])
 
 
 def _summary_note(rows: int, stopped: bool, failed: list[dict]) -> str | None:

@@ -51,7 +51,7 @@ def test_a_sweep_job_records_its_total_and_summary_and_can_be_queued_again(tmp_p
     assert queue.finish_sweep(job_id, "w", {"rows": 12})
     status = queue.status(job_id)
     assert (status.state, status.summary, status.keys) == (DONE, {"rows": 12}, ())
-    assert queue.submit(SPEC).state == QUEUED  # done, but a rerun continues whatever the folder holds now
+    assert queue.submit(SPEC, rerun=True).state == QUEUED  # done, but a rerun continues whatever the folder holds now
 
 
 def test_the_client_refuses_names_the_deployment_does_not_offer(tmp_path: Path) -> None:

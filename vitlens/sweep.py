@@ -21,7 +21,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from .analysis.outliers import layer_outliers, parse_threshold
+from .analysis.outliers import parse_threshold
+from .analysis.outliers_batch import auto_thresholds
 from .capture import PRECISIONS, Trace, capture
 from .checkpoints import WEIGHT_SUFFIXES
 from .engine import resolve_device
@@ -540,8 +541,8 @@ class SweepRunner:
             captured = capture(loaded, pixels.to(self.device, non_blocking=True), antialias=self.config.antialias,
                                precision=self.config.precision, attention=False)
             traces.update(zip(indices, captured))
-        tables = [trace_table(task, item, traces[index], loaded.fingerprint, self.config) for index, item in enumerate(prepared.items)]
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        table = task_table(task, prepared.items, [traces[index] for index in range(len(prepared.items))],
+                           loaded.fingerprint, self.config)
         return TaskResult(table=table, failed=tuple(prepared.failed), computed=len(prepared.items))
 
 
@@ -558,61 +559,116 @@ def run_local(tasks: Sequence[Task], runner: SweepRunner) -> Iterator[TaskResult
             yield runner.run(task, prepared)
 
 
-def trace_table(task: Task, item: ImageItem, trace: Trace, fingerprint: str, config: SweepConfig) -> pa.Table:
-    """One row per block of one image's trace (norms before the final norm)."""
-    outliers = layer_outliers(trace, config.threshold)
-    layout = trace.layout
-    grid = trace.patch_norms()  # [layer, row, col]
-    num_layers = grid.shape[0]
-    flat_masks = outliers.masks.reshape(num_layers, -1)  # [layer, patch]
-    cells = [np.flatnonzero(mask).astype(np.int32) for mask in flat_masks]
+def task_table(task: Task, items: Sequence[ImageItem], traces: Sequence[Trace], fingerprint: str,
+               config: SweepConfig) -> pa.Table:
+    """The rows of a task's images: one per (image, block), images in order, norms before the final norm.
+
+    Built column by column over all images of one shape at once (outlier thresholds of every
+    layer with ``auto_thresholds``), not row by row: on a GPU this host work bounds a sweep.
+    """
+    groups: dict[tuple, list[int]] = {}  # images whose traces share layout, input size and depth
+    for index, trace in enumerate(traces):
+        groups.setdefault((trace.layout, trace.input_size, trace.norms.shape), []).append(index)
+    tables, order = [], []
+    for indices in groups.values():
+        tables.append(_group_table(task, [items[i] for i in indices], [traces[i] for i in indices], fingerprint, config))
+        order += [(image, layer) for image in indices for layer in range(traces[image].num_layers)]
+    if not tables:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    return table if len(tables) == 1 else table.take(sorted(range(len(order)), key=order.__getitem__))
+
+
+def _group_table(task: Task, items: Sequence[ImageItem], traces: Sequence[Trace], fingerprint: str,
+                 config: SweepConfig) -> pa.Table:
+    """Rows of images whose traces share layout, input size and depth."""
+    layout, num_layers = traces[0].layout, traces[0].num_layers
+    norms = np.stack([trace.norms for trace in traces])  # [image, layer, token]
+    patches = layout.patch_grid(norms).reshape(len(traces) * num_layers, -1)  # [image x layer, patch]
+    thresholds, masks = _outliers(patches, config.threshold)
+    counts = masks.sum(axis=1)
+    cells = np.nonzero(masks)[1]  # row-major: by (image, layer), then patch
+    rows = len(traces) * num_layers
+    neighbor = [None] * rows
+    neighbor[::num_layers] = [trace.neighbor_similarity.ravel().astype(np.float32) for trace in traces]  # layer 0 rows
     columns = {
-        "model": [task.model] * num_layers,
-        "weights": [task.checkpoint.weights] * num_layers,
-        "step": pa.array([task.checkpoint.step] * num_layers, pa.int64()),
-        "image": [item.name] * num_layers,
-        "layer": np.arange(num_layers),
-        "num_outliers": outliers.counts.astype(np.int64),
-        "outlier_fraction": outliers.fractions.astype(np.float64),
-        "threshold": outliers.thresholds.astype(np.float64),
-        "norm_median": outliers.norm_median.astype(np.float64),
-        "norm_max": outliers.norm_max.astype(np.float64),
-        "num_layers": [num_layers] * num_layers,
-        "grid_rows": [layout.grid[0]] * num_layers,
-        "grid_cols": [layout.grid[1]] * num_layers,
-        "size": [max(trace.input_size)] * num_layers,
-        "antialias": [config.antialias] * num_layers,
-        "num_registers": [layout.num_registers] * num_layers,
-        "fingerprint": [fingerprint] * num_layers,
-        "outlier_cells": _list_array(cells),
-        "norm_hist": _list_array(list(norm_histograms(grid.reshape(num_layers, -1)))),
-        "cls_norm": trace.norms[:, layout.cls_index].astype(np.float64) if layout.cls_index is not None else np.full(num_layers, math.nan),
-        "register_norm": (trace.norms[:, layout.registers].mean(axis=1).astype(np.float64) if layout.num_registers
-                          else np.full(num_layers, math.nan)),
-        "neighbor_similarity": pa.array([trace.neighbor_similarity.ravel().astype(np.float32)] + [None] * (num_layers - 1),
-                                        pa.list_(pa.float32())),  # of the patch embeddings: the same at every layer
+        "model": pa.array([task.model] * rows, pa.string()),
+        "weights": pa.array([task.checkpoint.weights] * rows, pa.string()),
+        "step": pa.array([task.checkpoint.step] * rows, pa.int64()),
+        "image": pa.array([item.name for item in items for _ in range(num_layers)], pa.string()),
+        "layer": np.tile(np.arange(num_layers), len(traces)),
+        "num_outliers": counts.astype(np.int64),
+        "outlier_fraction": counts / patches.shape[1],
+        "threshold": thresholds.astype(np.float64),
+        "norm_median": _finite_reduce(np.nanmedian, np.median, patches),
+        "norm_max": _finite_reduce(np.nanmax, np.max, patches),
+        "num_layers": np.full(rows, num_layers),
+        "grid_rows": np.full(rows, layout.grid[0]),
+        "grid_cols": np.full(rows, layout.grid[1]),
+        "size": np.full(rows, max(traces[0].input_size)),
+        "antialias": np.full(rows, config.antialias),
+        "num_registers": np.full(rows, layout.num_registers),
+        "fingerprint": pa.array([fingerprint] * rows, pa.string()),
+        "outlier_cells": _list_array(np.cumsum(counts), cells),
+        "norm_hist": _list_array(np.arange(1, rows + 1) * (len(NORM_HIST_EDGES) - 1), norm_histograms(patches).ravel()),
+        "cls_norm": (norms[:, :, layout.cls_index].astype(np.float64).ravel() if layout.cls_index is not None
+                     else np.full(rows, math.nan)),
+        "register_norm": (norms[:, :, layout.registers].mean(axis=2).astype(np.float64).ravel() if layout.num_registers
+                          else np.full(rows, math.nan)),
+        "neighbor_similarity": pa.array(neighbor, pa.list_(pa.float32())),  # of the patch embeddings: one per image
     }
     return pa.table({name: columns[name] for name in SCHEMA.names}, schema=SCHEMA)
 
 
-def norm_histograms(norms: np.ndarray) -> np.ndarray:
-    """Counts of norms in the ``NORM_HIST_EDGES`` bins per layer, values outside clipped into the end bins.
+def _outliers(patches: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the threshold (float32 as ``LayerOutliers`` keeps it, NaN for none) and the outlier mask.
 
     Args:
-        norms: Patch-token norms.  # [layer, patch]
+        patches: Patch-token norms of each (image, layer).  # [row, patch]
+        threshold: A fixed norm, or None for ``auto``.
 
     Returns:
-        Counts.  # [layer, bin]
+        Thresholds  # [row]
+        and masks, never True at a NaN norm.  # [row, patch]
     """
-    bins = len(NORM_HIST_EDGES) - 1
-    index = np.clip(np.searchsorted(NORM_HIST_EDGES, norms, side="right") - 1, 0, bins - 1)  # [layer, patch]
-    offsets = np.arange(norms.shape[0])[:, None] * bins
-    counts = np.bincount((index + offsets).ravel(), minlength=norms.shape[0] * bins)
-    return counts.reshape(norms.shape[0], bins).astype(np.int32)
+    cuts = np.full(patches.shape[0], threshold, np.float64) if threshold is not None else auto_thresholds(patches)
+    cuts = cuts.astype(np.float32)  # as ``find_outliers`` compares a float32 grid with a Python float
+    return cuts, patches > cuts[:, None]  # NaN > cut and norm > NaN are False
 
 
-def _list_array(values: Iterable[np.ndarray]) -> pa.ListArray:
-    values = list(values)
-    offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
-    flat = np.concatenate(values).astype(np.int32) if values else np.zeros(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
+def _finite_reduce(nan_reduce, reduce, values: np.ndarray) -> np.ndarray:
+    """Per row, ``reduce`` over the finite values (as ``layer_outliers``); NaN for a row with none.  # [row]"""
+    if np.isfinite(values).all():
+        return reduce(values, axis=1).astype(np.float64)
+    finite = np.where(np.isfinite(values), values, np.nan)
+    has = np.isfinite(finite).any(axis=1)
+    out = np.full(values.shape[0], np.nan, dtype=np.float32)
+    if has.any():
+        out[has] = nan_reduce(finite[has], axis=1)
+    return out.astype(np.float64)
+
+
+def norm_histograms(norms: np.ndarray) -> np.ndarray:
+    """Counts of norms in the ``NORM_HIST_EDGES`` bins per row, values outside (and NaN) clipped into the end bins.
+
+    Each row is sorted once and the 121 edges are looked up in it (far fewer searches than one
+    per norm); a value ``x`` falls in bin ``i`` when ``EDGES[i] <= x < EDGES[i + 1]``.
+
+    Args:
+        norms: Patch-token norms.  # [row, patch]
+
+    Returns:
+        Counts.  # [row, bin]
+    """
+    ordered = np.sort(norms, axis=1).astype(np.float64)  # NaN last, as searchsorted takes it
+    below = np.stack([np.searchsorted(row, NORM_HIST_EDGES, side="left") for row in ordered])  # [row, edge]: values < edge
+    counts = np.diff(below, axis=1)  # [row, bin]
+    counts[:, 0] += below[:, 0]
+    counts[:, -1] += norms.shape[1] - below[:, -1]
+    return counts.astype(np.int32)
+
+
+def _list_array(ends: np.ndarray, flat: np.ndarray) -> pa.ListArray:
+    """A list<int32> column from the flat values and each list's end offset."""
+    offsets = np.concatenate([[0], ends]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int32), pa.int32()))
