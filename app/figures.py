@@ -21,7 +21,7 @@ from PIL import Image
 from plotly.colors import get_colorscale, hex_to_rgb
 from plotly.subplots import make_subplots
 
-from vitlens.analysis.attention import ClsOutlierAttention
+from vitlens.analysis.attention import ClsOutlierAttention, PatchAttention
 from vitlens.analysis.embedding import TokenEmbedding
 
 HEAT = [[position, f"rgb{hex_to_rgb(colour)}"] for position, colour in get_colorscale("Inferno")]  # rgb(): plotly.js misreads "#000004"
@@ -94,6 +94,7 @@ class Overlay:
         colorbar: Colour bar title: what the values are.
         value_name: Name of the value in the hover text.
         colour: Title colour: the model's (``model_colours``), or None for the default.
+        mask_name: What the outlined cells are (legend).
     """
 
     title: str
@@ -103,6 +104,7 @@ class Overlay:
     colorbar: str = "token norm (pre-final-norm)"
     value_name: str = "norm"
     colour: str | None = None
+    mask_name: str = "outlier cells"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -146,12 +148,14 @@ def scale_ticks(low: float, high: float, count: int = 3) -> tuple[list[float], l
 
 
 def _overlay_traces(overlay: Overlay, opacity: float, coloraxis: str | None, show_outline_legend: bool,
-                    scale: tuple[float, float] | None = None) -> list[go.BaseTraceType]:
+                    scale: tuple[float, float] | None = None, hover: bool = True) -> list[go.BaseTraceType]:
     rows, cols = overlay.grid
     heat = go.Heatmap(
         z=overlay.values, x=np.arange(cols), y=np.arange(rows), opacity=opacity, name=overlay.title,
         hovertemplate=f"row %{{y}}, col %{{x}}<br>{overlay.value_name} %{{z:.4g}}<extra></extra>",
     )
+    if not hover:
+        heat.update(hoverinfo="skip", hovertemplate=None)
     traces: list[go.BaseTraceType] = [heat]
     if coloraxis:
         heat.update(coloraxis=coloraxis)
@@ -165,7 +169,7 @@ def _overlay_traces(overlay: Overlay, opacity: float, coloraxis: str | None, sho
                                       lenmode="fraction", y=0.5, yanchor="middle"))))
     if overlay.mask is not None and overlay.mask.any():
         xs, ys = outline_path(overlay.mask)
-        traces.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=OUTLINE, width=2.5), name="outlier cells",
+        traces.append(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=OUTLINE, width=2.5), name=overlay.mask_name,
                                  hoverinfo="skip", showlegend=show_outline_legend, legendgroup="outliers"))
     return traces
 
@@ -204,12 +208,12 @@ def overlay_figure(overlay: Overlay, opacity: float = 0.6, width: int = 460, max
 
 def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int | None = None,
                  colorbar: str = "attention", width: int = 900, title: str | None = None,
-                 shared_scale: bool = True) -> go.Figure:
+                 shared_scale: bool = True, clickable: bool = False) -> go.Figure:
     """Several heat maps (same grid) side by side, ``width`` pixels wide, square cells.
 
     ``shared_scale``: one colour scale for all maps (from the lowest value to the 99.5th
     percentile of all of them), else each map its own (its minimum to its maximum) with a thin
-    colour bar beside it.
+    colour bar beside it. ``clickable``: a click on a cell is a selection event (the app reads it).
     """
     columns = columns or len(overlays)
     rows = -(-len(overlays) // columns)
@@ -228,8 +232,10 @@ def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int
     for index, overlay in enumerate(overlays):
         row, col = index // columns + 1, index % columns + 1
         axis = "coloraxis" if shared_scale or index == 0 else f"coloraxis{index + 1}"
-        for trace in _overlay_traces(overlay, opacity, axis, show_outline_legend=index == 0):
+        for trace in _overlay_traces(overlay, opacity, axis, show_outline_legend=index == 0, hover=not clickable):
             fig.add_trace(trace, row=row, col=col)
+        if clickable:
+            fig.add_trace(_click_targets(overlay, cell_width / grid[1]), row=row, col=col)
         suffix = "" if index == 0 else str(index + 1)
         if overlay.image:
             fig.add_layout_image(_background(overlay, f"x{suffix}", f"y{suffix}"))
@@ -244,8 +250,21 @@ def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int
                                          colorbar=dict(title=dict(text=colorbar, side="right"), thickness=14)))
     fig.update_layout(width=width, height=int(plot_height + margin["t"] + margin["b"]), margin=margin,
                       title=dict(text=title) if title else None, plot_bgcolor="rgba(0,0,0,0)",
-                      legend=dict(orientation="h", yanchor="top", y=-8 / plot_height, x=0))
+                      legend=dict(orientation="h", yanchor="top", y=-8 / plot_height, x=0),
+                      clickmode="event+select" if clickable else None)
     return fig
+
+
+def _click_targets(overlay: Overlay, cell_px: float) -> go.Scatter:
+    """Invisible square markers on every cell, carrying the hover: plotly selects scatter points on a click,
+    not heat-map cells, so these make a click a selection of (x: col, y: row)."""
+    rows, cols = overlay.grid
+    grid_rows, grid_cols = np.divmod(np.arange(rows * cols), cols)
+    return go.Scatter(x=grid_cols, y=grid_rows, mode="markers", name="cells", showlegend=False,
+                      marker=dict(symbol="square", size=max(cell_px, 2.0), color="rgba(0,0,0,0)"),
+                      customdata=overlay.values.ravel(), selected=dict(marker=dict(opacity=1)),
+                      unselected=dict(marker=dict(opacity=1)),
+                      hovertemplate=f"row %{{y}}, col %{{x}}<br>{overlay.value_name} %{{customdata:.4g}}<extra></extra>")
 
 
 def _own_scale(overlay: Overlay, x_domain: Sequence[float], y_domain: Sequence[float]) -> dict:
@@ -473,6 +492,24 @@ def cls_attention_figure(items: Sequence[tuple[str, ClsOutlierAttention]], layer
     fig.update_yaxes(title_text="% of CLS attention", range=[0, 110], row=1, col=2)
     fig.update_layout(barmode="group", height=height, margin=dict(l=60, r=10, t=40, b=50),
                       legend=dict(orientation="h", y=-0.2, x=0))
+    return fig
+
+
+def patch_prefix_figure(found: PatchAttention, label: str, height: int | None = None) -> go.Figure:
+    """Per head, the chosen patch's attention to CLS and each register (left: their columns of its row) and
+    theirs to the patch (right: its column of their rows), in % of the query's attention."""
+    rows, cols = found.cell
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=(f"patch ({rows}, {cols}) → CLS / registers", f"CLS / registers → patch ({rows}, {cols})"))
+    heads = [f"head {h}" for h in range(found.gives_prefix.shape[0])]
+    high = float(max(found.gives_prefix.max(initial=0), found.gets_prefix.max(initial=0), 1e-6)) * 100
+    for col, values in ((1, found.gives_prefix), (2, found.gets_prefix)):
+        fig.add_trace(go.Heatmap(z=values * 100, x=found.prefix_names, y=heads, coloraxis="coloraxis", texttemplate="%{z:.1f}",
+                                 hovertemplate="%{y}, %{x}: %{z:.2f}%<extra></extra>"), row=1, col=col)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=dict(text=f"{label}: the patch and the prefix tokens, block {found.layer}", font_size=14),
+                      coloraxis=dict(colorscale=HEAT, cmin=0, cmax=high, colorbar=dict(title=dict(text="% of the query's attention", side="right"))),
+                      height=height or 90 + 26 * len(heads), margin=dict(l=60, r=10, t=70, b=30))
     return fig
 
 

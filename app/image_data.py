@@ -16,13 +16,14 @@ import streamlit as st
 
 import figures
 import grid_image
+import intervention_data
 from captures import Captured, Request, captured, check_layer, outliers_of
 from choices import weights_label
 from figures import EmergenceCurve, NormHistogram, Overlay, Table
 from jobs import Job, boards, watch
 from uploads import display_uri, image, image_name
-from vitlens.analysis.attention import (ClsOutlierAttention, attention_maps, cls_outlier_attention,
-                                        input_outlier_mask, pool_attention_map)
+from vitlens.analysis.attention import (ClsOutlierAttention, PatchAttention, attention_maps, cls_outlier_attention,
+                                        head_maps, input_outlier_mask, patch_attention, pool_attention_map)
 from vitlens.analysis.embedding import TokenEmbedding, token_embedding
 from vitlens.analysis.outliers import OutlierResult, find_outliers
 from vitlens.capture import Trace
@@ -261,6 +262,87 @@ def attention(request: Request, ref: str, layer: int, head: int | None, threshol
     return AttentionView(panels=panels, table=table)
 
 
+PATCH_QUERY = "patch"  # the heads grid's query: the clicked patch (full attention of the block)
+
+
+@dataclass(frozen=True, eq=False)
+class HeadsPanel:
+    """Every head of one block for one model: where the query looks and, for a patch, who looks at it.
+
+    Attributes:
+        gives: Per head, the query's attention over the patches.
+        gets: Per head, every patch's attention to the chosen patch (patch query only, else empty).
+        patch: The chosen patch's attention to and from the prefix tokens (patch query only).
+        note: Why this model shows nothing (e.g. it has no such register), or None.
+    """
+
+    label: str
+    gives: list[Overlay]
+    gets: list[Overlay]
+    patch: PatchAttention | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class HeadsView:
+    panels: list[HeadsPanel]
+    table: Table
+
+
+def cell_at(position: tuple[float, float], grid: tuple[int, int]) -> tuple[int, int]:
+    """The patch (row, col) at a relative position (y, x in [0, 1]) of a grid: the same place in models
+    with different grids."""
+    return (min(int(position[0] * grid[0]), grid[0] - 1), min(int(position[1] * grid[1]), grid[1] - 1))
+
+
+def position_from_selection(selection: dict, grid: tuple[int, int]) -> tuple[float, float] | None:
+    """The relative position (y, x) of the first clicked heat-map cell of a plotly selection, or None."""
+    for point in selection.get("points", []):
+        x, y = point.get("x"), point.get("y")
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and float(x).is_integer() and float(y).is_integer():
+            return ((min(max(int(y), 0), grid[0] - 1) + 0.5) / grid[0], (min(max(int(x), 0), grid[1] - 1) + 0.5) / grid[1])
+    return None
+
+
+def heads(request: Request, ref: str, layer: int, query: str, position: tuple[float, float],
+          threshold: float | None) -> HeadsView:
+    """All heads of block ``layer``: a prefix query's maps (outliers of the block's input outlined), or, for
+    ``PATCH_QUERY``, what the patch at ``position`` attends to and who attends to it (full attention)."""
+    result = captured(request)
+    index = request.images.index(ref)
+    panels, rows = [], []
+    for run in result.runs:
+        trace = run.traces[index]
+        check_layer(layer, trace.num_layers)
+        picture = display_uri(ref, trace)
+        title = f"attention in block {layer}"
+        if query == PATCH_QUERY:
+            weights, layout = intervention_data.block_attention(request, run.choice, run.weights, ref, layer)
+            found = patch_attention(weights.astype(np.float32), layout, layer, cell_at(position, layout.grid))
+            mask = np.zeros(layout.grid, dtype=bool)
+            mask[found.cell] = True
+            chosen = dict(image=picture, mask=mask, colorbar=title, value_name="attention", mask_name="the chosen patch")
+            gives = [Overlay(f"head {h} · {found.gives_prefix[h].sum():.0%} to prefix", found.gives[h], **chosen)
+                     for h in range(len(found.gives))]
+            gets = [Overlay(f"head {h}", found.gets[h], **chosen) for h in range(len(found.gets))]
+            panels.append(HeadsPanel(run.name, gives, gets, found))
+            grids = {"gives": found.gives, "gets": found.gets}
+        elif query not in trace.layout.prefix_names():
+            panels.append(HeadsPanel(run.name, [], [], note=f"{run.name} has no '{query}' token."))
+            continue
+        else:
+            maps = head_maps(trace, layer, query)  # [head, row, col]
+            mask = input_outlier_mask(outliers_of(run, index, threshold), layer)
+            gives = [Overlay(f"head {h} · {maps[h].sum():.0%} on patches", maps[h], image=picture, mask=mask, colorbar=title,
+                             value_name="attention") for h in range(len(maps))]
+            panels.append(HeadsPanel(run.name, gives, []))
+            grids = {"gives": maps}
+        rows += [[run.name, image_name(ref), layer, query, direction, h, r, c, float(v)]
+                 for direction, grid in grids.items() for (h, r, c), v in np.ndenumerate(grid)]
+    table = Table(["model", "image", "layer", "query", "direction", "head", "row", "col", "attention"], rows)
+    return HeadsView(panels=panels, table=table)
+
+
 def _head_text(head: int | None, num_heads: int | None = None) -> str:
     if head is not None:
         return f"head {head}"
@@ -360,7 +442,8 @@ def picked_cell(request: Request, layer: int, threshold: float | None,
     mask[row, col] = True
     name = captured(request).runs[model].label
     return Overlay(title=f"{name}<br><sup>{image_name(ref)}: row {row}, col {col} (layer {layer})</sup>",
-                   values=overlay.values, image=overlay.image, mask=mask, colorbar=overlay.colorbar, colour=overlay.colour)
+                   values=overlay.values, image=overlay.image, mask=mask, colorbar=overlay.colorbar, colour=overlay.colour,
+                   mask_name="the picked cell")
 
 
 def _umap(job: Job, traces: tuple[Trace, ...], layer: int, threshold: float | None, normalize: bool) -> TokenEmbedding:

@@ -1,5 +1,5 @@
 """View models of the Interventions and Ablations pages: register neurons, a test-time register's cost,
-replacement ablations, massive activations and attention sinks.
+replacement ablations, massive activations and attention sinks; and one block's full attention (Attention page).
 
 These run forward passes with hooks, so they use this process's engine (never the worker queue)
 on the request's images, with the sidebar's model (``request.models[0]``, whatever order the pages draw the
@@ -7,6 +7,7 @@ models in) unless a page names one; results are cached per request and settings.
 """
 from __future__ import annotations
 
+import numpy as np
 import streamlit as st
 import torch
 
@@ -15,10 +16,12 @@ from choices import weights_path
 from resources import engine
 from uploads import image, picture_uri
 from vitlens.analysis.neurons import NeuronScores, neuron_maps, score_neurons
+from vitlens.capture import full_attention
 from vitlens.experiments import (ABLATIONS, AblationResult, AttentionSinks, MassiveActivations, RegisterCost, ablate,
                                  attention_sinks, massive_activations, register_cost)
 from vitlens.images import resize_for_model, to_tensor
 from vitlens.interventions import TestTimeRegister
+from vitlens.layout import TokenLayout
 from vitlens.models import LoadedModel
 
 
@@ -119,3 +122,17 @@ def sinks(request: Request, choice: ModelChoice, ref: str, layers: tuple[int, ..
     """Attention received per block and head (all queries) and the massive activations of model ``choice``
     (with its test-time register, if any) on one image."""
     return _sinks(request.key, choice.key, ref, layers, threshold, request, choice)
+
+
+@st.cache_data(max_entries=16, show_spinner="Computing every token's attention in this block…")
+def _full_attention(key: str, model: str, weights: str, ref: str, layer: int, _request: Request,
+                    _choice: ModelChoice) -> tuple[np.ndarray, TokenLayout]:
+    loaded = engine().model(_choice.name, weights_path(weights))
+    attention, layout = full_attention(loaded, _pixels(_request, loaded, ref), layer, test_time_register=_choice.register)
+    return attention.astype(np.float16), layout  # [head, query, token]
+
+
+def block_attention(request: Request, choice: ModelChoice, weights: str, ref: str, layer: int) -> tuple[np.ndarray, TokenLayout]:
+    """Every query's attention over every token in block ``layer`` of model ``choice`` on one image (float16), with
+    ``weights`` the weights its captures used (the offline fallback, when it applied).  # [head, query, token]"""
+    return _full_attention(request.key, choice.key, weights, ref, layer, request, choice)

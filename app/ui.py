@@ -35,7 +35,7 @@ PAGE_KEYS = ("layer", "head", "opacity", "post_norm", "focus_image", "log_y", "e
              "embed_normalize", "emergence_scope", "figure_format", "shared_scale", "norm_scale_shared",
              "register_init", "register_patches", "test_time_register", "neuron_detector", "neuron_max_layer",
              "neuron_top", "neuron_sparse", "sink_layers", "results_folder", "compare_folder", "training_model",
-             "training_layers", "dataset_series", "dataset_layers", "grid_cell")  # page widgets whose values follow the user
+             "training_layers", "dataset_series", "dataset_layers", "grid_cell", "heads_query")  # page widgets whose values follow the user
 SIDEBAR_KEYS = ("model", "custom_model", "compare", "weights_mode", "weights_file", "pair_weights", "side", "images",
                 "threshold_auto", "threshold_value", "test_time_register")  # sidebar widgets an error run does not draw
 MIN_PATCHES = 4  # the input side is at least this many patches

@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from vitlens.adapters import AttentionSite, adapter_for
-from vitlens.capture import capture
+from vitlens.capture import capture, full_attention
 from vitlens.errors import UnknownModelError, UnsupportedModelError
 from vitlens.models import LoadedModel, load_model
 
@@ -329,3 +329,15 @@ def test_cli_save_adds_the_attention_pool_and_refuses_differential_attention(tmp
     assert main(["inspect", str(image), "--model", "vit_dlittle_patch16_reg1_gap_256", "--weights", "random"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DiffAttention" in err[0]
+
+
+@pytest.mark.parametrize("family", ["vit_reg4", "dinov3", "eva02_fused"])
+def test_full_attention_of_one_block_equals_the_models_own_softmax(family):
+    """Every query's row (patches rotated like the keys in RoPE families), not just the prefix's."""
+    loaded = _tiny(family)
+    x = torch.randn(1, 3, *loaded.native_size, generator=torch.Generator().manual_seed(4))
+    _, blocks, _ = _reference(loaded, x)
+    weights, layout = full_attention(loaded, x, layer=1)
+    assert weights.shape == blocks[0, 1].shape == (blocks.shape[2], layout.num_tokens, layout.num_tokens)
+    np.testing.assert_allclose(weights, blocks[0, 1], atol=1e-4)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from app_fixtures import TINY_REG, TINY_SIDE, register_tiny_models, synthetic_trace
-from vitlens.analysis.attention import attention_maps, cls_outlier_attention, input_outlier_mask
+from vitlens.analysis.attention import (attention_maps, cls_outlier_attention, head_maps, input_outlier_mask,
+                                        patch_attention)
 from vitlens.analysis.outliers import layer_outliers
 from vitlens.capture import Trace, capture
 from vitlens.errors import OptionError
@@ -138,3 +139,29 @@ def test_the_baseline_is_the_outliers_share_of_the_attention_on_patches():
     assert result.expected_outlier_mass[1] == 0.0
     assert result.expected_outlier_mass[2] == pytest.approx(2 / 8 * 0.8)
     assert result.outlier_mass[2] / result.expected_outlier_mass[2] == pytest.approx(3.0)
+
+
+def test_head_maps_give_every_head_of_one_prefix_query():
+    trace = synthetic_trace(outliers={1: [(1, 2)]}, num_heads=2)
+    maps = head_maps(trace, 1, "cls")
+    assert maps.shape == (2, 3, 4)
+    assert maps[0, 1, 2] > 5 * maps[1, 1, 2]  # the synthetic CLS looks at the outlier in head 0 only
+    np.testing.assert_allclose(maps[1], 1 / trace.layout.num_tokens)
+    assert head_maps(trace, 1, "reg1").shape == (2, 3, 4)
+    with pytest.raises(OptionError, match="no 'reg5' token"):
+        head_maps(trace, 1, "reg5")
+
+
+def test_patch_attention_reads_the_patchs_row_and_column_with_the_prefix():
+    layout = TokenLayout(num_cls=1, num_registers=2, grid=(2, 3))  # 3 prefix + 6 patches
+    tokens = layout.num_tokens
+    weights = np.arange(2 * tokens * tokens, dtype=np.float32).reshape(2, tokens, tokens)  # [head, query, key]
+    found = patch_attention(weights, layout, layer=4, cell=(1, 0))
+    token = 3 + 3  # row 1, col 0
+    assert found.prefix_names == ["cls", "reg0", "reg1"] and found.cell == (1, 0)
+    np.testing.assert_array_equal(found.gives[1], weights[1, token, 3:].reshape(2, 3))
+    np.testing.assert_array_equal(found.gets[0], weights[0, 3:, token].reshape(2, 3))
+    np.testing.assert_array_equal(found.gives_prefix, weights[:, token, :3])  # the register columns
+    np.testing.assert_array_equal(found.gets_prefix, weights[:, :3, token])  # the register rows
+    with pytest.raises(OptionError, match="outside the 2 x 3 grid"):
+        patch_attention(weights, layout, 4, (2, 0))

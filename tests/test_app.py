@@ -62,10 +62,10 @@ def _figures(at: AppTest) -> list[dict]:
     return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
 
 
-def _outlined(figure: dict) -> set[tuple[int, int]]:
+def _outlined(figure: dict, name: str = "outlier cells") -> set[tuple[int, int]]:
     cells = set()
     for trace in figure["data"]:
-        if trace.get("name") == "outlier cells":
+        if trace.get("name") == name:
             xs, ys = trace["x"], trace["y"]
             for start in range(0, len(xs), 6):
                 cells.add((round(sum(ys[start:start + 4]) / 4), round(sum(xs[start:start + 4]) / 4)))
@@ -305,7 +305,7 @@ def test_attention_shows_cls_and_each_register(weights_dir):
     at = _planted_app(weights_dir)
     at.switch_page("views/attention.py").run()
     _ok(at)
-    maps, mass = _figures(at)
+    maps, mass = _figures(at)[:2]
     titles = [a["text"] for a in maps["layout"]["annotations"]]
     assert len(titles) == 6 and "<b>cls</b>" in titles[0] and "<b>reg3</b>" in titles[5]
     assert _outlined({"data": [t for t in maps["data"] if t.get("xaxis") == "x"]}) == set(PLANTED_CELLS)
@@ -320,6 +320,41 @@ def test_attention_shows_cls_and_each_register(weights_dir):
     maps = _figures(at)[0]
     assert "coloraxis2" not in maps["layout"] and "head 1" in maps["layout"]["coloraxis"]["colorbar"]["title"]["text"]
     assert any("One colour scale for all maps" in c.value for c in at.caption)
+
+
+def test_attention_heads_grid_shows_every_head_and_a_patchs_row_and_column(weights_dir):
+    """All heads of a block for CLS; a register the model without registers lacks is said so; for a
+    patch, the full attention of the block: its row and column, whose prefix part equals the
+    captured prefix attention."""
+    import sys
+
+    at = _planted_app(weights_dir)
+    at.switch_page("views/attention.py").run()
+    _ok(at)
+    assert at.selectbox(key="heads_query").value == "cls"
+    plain, registers = [f for f in _figures(at) if "what cls attends to" in f["layout"].get("title", {}).get("text", "")]
+    heads = [a["text"] for a in plain["layout"]["annotations"] if a["text"].startswith("head")]
+    assert [text.split(" · ")[0] for text in heads] == [f"head {h}" for h in range(4)]  # the tiny models' 4 heads
+    assert all(text.endswith("% on patches") for text in heads) and TINY in _title(plain)
+    at.selectbox(key="heads_query").set_value("reg2").run()
+    _ok(at)
+    assert any(f"{TINY} has no 'reg2' token." in c.value for c in at.caption)
+    at.session_state["attention_patch"] = ((PLANTED_CELLS[0][0] + 0.5) / 8, (PLANTED_CELLS[0][1] + 0.5) / 8)
+    at.selectbox(key="heads_query").set_value("patch").run()
+    _ok(at)
+    titles = [f["layout"].get("title", {}).get("text", "") for f in _figures(at)]
+    cell = f"patch {PLANTED_CELLS[0]}"
+    assert f"{TINY_REG}: who attends to {cell}" in titles and f"{TINY}: what {cell} attends to" in titles
+    image_data = sys.modules["image_data"]
+    request = at.session_state["request"]
+    view = image_data.heads(request, request.images[0], 4, "patch", at.session_state["attention_patch"], None)
+    trace = sys.modules["captures"].captured(request).runs[1].traces[0]
+    for panel in view.panels:
+        found = panel.patch
+        assert found.cell == PLANTED_CELLS[0]
+        np.testing.assert_allclose(found.gives.sum(axis=(1, 2)) + found.gives_prefix.sum(axis=1), 1, atol=2e-3)
+    token = trace.layout.num_prefix + PLANTED_CELLS[0][0] * 8 + PLANTED_CELLS[0][1]
+    np.testing.assert_allclose(view.panels[1].patch.gets_prefix, trace.attention[4, :, :, token], atol=2e-3)
 
 
 def test_attention_outlines_the_outliers_of_the_blocks_input(weights_dir):
@@ -360,7 +395,7 @@ def test_embedding_shows_both_models_side_by_side_and_a_picked_cell(weights_dir)
     at.run()
     _ok(at)
     *plots, detail = _figures(at)
-    assert _outlined(detail) == {PLANTED_CELLS[0]} and TINY_REG in _title(detail)
+    assert _outlined(detail, "the picked cell") == {PLANTED_CELLS[0]} and TINY_REG in _title(detail)
     assert all(any(t["name"] == "selected" for t in plot["data"]) for plot in plots)  # ringed in both
 
 
@@ -712,7 +747,7 @@ def _model_colours(at: AppTest) -> dict[str, dict[str, str]]:
     seen["emergence"] = {t["legendgroup"].split(" (")[0]: t["line"]["color"] for t in _figures(at)[0]["data"]
                          if t["name"] == "outlier share"}
     at.switch_page("views/attention.py").run()
-    maps, cls_mass = _figures(at)
+    maps, cls_mass = _figures(at)[:2]
     seen["attention maps"] = {a["text"].split(":")[0]: a["font"]["color"] for a in maps["layout"]["annotations"]
                               if ": <b>" in a["text"]}
     seen["CLS attention"] = {t["name"].split(" (")[0]: t["marker"]["color"] for t in cls_mass["data"] if t["type"] == "bar"}
@@ -738,3 +773,16 @@ def test_without_registers_is_left_and_red_on_every_page_whichever_model_the_sid
         model = next(box for box in at.main.selectbox if box.label == "Model")
         assert model.value == 1 and at.caption[1].value.startswith(f"{TINY_REG}: 4 registers tokens replaced")
         assert at.query_params["pair_weights"] == files[twin]  # the URL still names the sidebar model's twin
+
+
+def test_a_click_on_a_map_cell_is_the_same_place_on_every_models_grid():
+    import sys
+
+    sys.path.insert(0, str(APP))
+    import image_data
+
+    selection = {"points": [{"x": 0.5, "y": 1}, {"x": 3, "y": 1, "curve_number": 1}]}  # an outline point, then a cell
+    position = image_data.position_from_selection(selection, (4, 6))
+    assert position == (1.5 / 4, 3.5 / 6)
+    assert image_data.cell_at(position, (4, 6)) == (1, 3) and image_data.cell_at(position, (8, 12)) == (3, 7)
+    assert image_data.position_from_selection({"points": []}, (4, 6)) is None

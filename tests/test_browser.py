@@ -470,3 +470,24 @@ def test_status_tells_the_truth_in_chromium(server, page: Page) -> None:
     settle(page)
     check_no_errors(page, "after Cancel", log)
     screenshot(page, "status_after_cancel")
+
+
+def test_a_click_on_a_heads_map_shows_what_that_patch_attends_to(server, page: Page) -> None:
+    """The Attention page's grid of all heads: a click on a cell makes that patch the query (its row and
+    its column of the block's full attention, with the register columns)."""
+    url, log = server
+    page.goto(f"{url}/attention?model=dinov2_vits14_reg4&weights=synthetic&side=224&images=astronaut&layer=8",
+              wait_until="domcontentloaded")
+    expect(page.get_by_text("All heads of block 8")).to_be_visible(timeout=FIRST_CAPTURE_S * 1000)
+    charts_drawn(page, 4, FIRST_CAPTURE_S)
+    settle(page)
+    heads = page.locator("[data-testid=stMain] .js-plotly-plot").nth(2)  # the first model's heads, CLS as the query
+    heads.scroll_into_view_if_needed()
+    x, y = heads.evaluate("""p => { const l = p._fullLayout, box = p.getBoundingClientRect();
+        return [box.left + l.xaxis._offset + l.xaxis.l2p(3), box.top + l.yaxis._offset + l.yaxis.l2p(5)]; }""")
+    page.mouse.click(x, y)
+    expect(page.get_by_text("who attends to patch (5, 3)").first).to_be_attached(timeout=PAGE_S * 1000)
+    settle(page)
+    check_no_errors(page, "attention, after a click on a heads map", log)
+    assert "(5, 3) → CLS / registers" in chart_signature(page)
+    screenshot(page, "attention_heads")

@@ -136,6 +136,48 @@ def capture(
     return recorder.traces(layout, input_size)
 
 
+def full_attention(
+        loaded: LoadedModel,
+        pixels: torch.Tensor,
+        layer: int,
+        antialias: bool = True,
+        test_time_register: TestTimeRegister | None = None,
+) -> tuple[np.ndarray, TokenLayout]:
+    """Softmax attention of every query over every token in one block, for one image.
+
+    The same exact recomputation from the model's own q and k as the prefix attention of
+    ``capture``, for all queries: what each patch attends to and who attends to it.
+
+    Args:
+        loaded: The model.
+        pixels: One normalised image (only the first of a batch is used).  # [batch, 3, height, width]
+        layer: Block index (negative counts from the end).
+        antialias: Antialias when resampling position embeddings to a new grid.
+        test_time_register: Run with this extra register token.
+
+    Returns:
+        Attention weights  # [head, query, token]
+        and the token layout of the pass.
+    """
+    model = loaded.model
+    adapter = adapter_for(model)
+    layer = _check_layer(layer, len(adapter.blocks(model)))
+    found: list[torch.Tensor] = []
+    handles: list[RemovableHandle] = []
+    extra = 0 if test_time_register is None else 1
+    with loaded.lock, adapter.input_resolution(model, tuple(pixels.shape[-2:]), antialias) as grid, \
+            apply_test_time_register(model, test_time_register):
+        try:
+            _Recorder._attach_attention(adapter.attention_site(model, layer), None, found, handles)
+            with torch.inference_mode():
+                model.forward_features(pixels[:1].to(loaded.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        layout = TokenLayout.from_model(model, grid).with_test_time_registers(extra)
+    return found[0][0].cpu().numpy(), layout
+
+
 def _check_layer(layer: int, num_layers: int) -> int:
     if not -num_layers <= layer < num_layers:
         raise IndexError(f"layer {layer} out of range for {num_layers} blocks")

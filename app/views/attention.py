@@ -56,3 +56,37 @@ if measured:
 else:
     st.info("This model has no class token, so there is no CLS attention to measure.")
 ui.download_table(view.table, f"attention_{data.image_name(ref)}_layer{layer}.csv")
+
+
+def pick_patch(key: str, grid: tuple[int, int]) -> None:
+    """A click on a map of the heads grid makes that patch the query."""
+    position = image_data.position_from_selection(st.session_state[key].selection, grid)
+    if position is not None:
+        st.session_state["attention_patch"], st.session_state["heads_query"] = position, image_data.PATCH_QUERY
+
+
+st.subheader(f"All heads of block {layer}")
+queries = list(dict.fromkeys(n for run in result.runs for n in run.traces[0].layout.prefix_names())) + [image_data.PATCH_QUERY]
+if st.session_state.get("heads_query") not in queries:
+    st.session_state["heads_query"] = queries[0]
+query = st.selectbox("Query", queries, key="heads_query",
+                     format_func=lambda q: "a patch (click any map below)" if q == image_data.PATCH_QUERY else q)
+heads = ui.fetch(image_data.heads, request, ref, layer, query, st.session_state.get("attention_patch", (0.5, 0.5)),
+                 ui.threshold())
+for index, panel in enumerate(heads.panels):
+    if panel.note:
+        st.caption(panel.note)
+        continue
+    grid = panel.gives[0].grid
+    what = f"patch {panel.patch.cell}" if panel.patch else query
+    for name, maps, title in (("gives", panel.gives, f"what {what} attends to"), ("gets", panel.gets, f"who attends to {what}")):
+        if maps:
+            ui.chart(figures.overlay_grid(maps, opacity, columns=3 if len(maps) <= 6 else 4, width=ui.MAIN_WIDTH,
+                                          shared_scale=shared, title=f"{panel.label}: {title}", clickable=True),
+                     key=f"heads-{name}-{index}", on_select=lambda key=f"heads-{name}-{index}", grid=grid: pick_patch(key, grid),
+                     selection_mode="points")
+    if panel.patch is not None:
+        ui.chart(figures.patch_prefix_figure(panel.patch, panel.label), key=f"heads-prefix-{index}")
+st.caption("Click any cell of these maps to see what that patch attends to and who attends to it (the whole block's "
+           "attention is computed for it, a second or so).")
+ui.download_table(heads.table, f"attention_heads_{data.image_name(ref)}_layer{layer}.csv")

@@ -60,10 +60,10 @@ class AttentionSite:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor | None,
                   dtype: torch.dtype) -> torch.Tensor:
-        """Softmax attention of the given (unrotated prefix) queries over all keys, in float32.
+        """Softmax attention of the given queries (the unrotated prefix ones, or all) over all keys, in float32.
 
         Args:
-            q: Queries, all before ``num_unrotated`` when a rotation is given.  # [batch, head, query, dim]
+            q: Queries: all before ``num_unrotated``, or every token's, when a rotation is given.  # [batch, head, query, dim]
             k: Keys of every token, as ``k_norm`` returned them.  # [batch, kv_head, token, dim]
             rope: The rotary embedding the module was called with, or None.
             dtype: The dtype the module casts rotated q and k to (that of its v).
@@ -72,9 +72,11 @@ class AttentionSite:
             Attention weights.  # [batch, head, query, token]
         """
         if rope is not None:
-            if q.shape[2] > self.num_unrotated:
-                raise ValueError(f"only the {self.num_unrotated} unrotated prefix queries can be read")
             n = self.num_unrotated
+            if q.shape[2] == k.shape[2]:  # every query: the tokens after the prefix are rotated like the keys
+                q = torch.cat([q[:, :, :n], apply_rot_embed_cat(q[:, :, n:], rope, half=self.rotate_half)], dim=2)
+            elif q.shape[2] > n:
+                raise ValueError(f"only the {n} unrotated prefix queries, or all queries, can be read")
             k = torch.cat([k[:, :, :n], apply_rot_embed_cat(k[:, :, n:], rope, half=self.rotate_half)], dim=2).to(dtype)
             q = q.to(dtype)
         if self.kv_groups > 1:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..capture import Trace
 from ..errors import OptionError
+from ..layout import TokenLayout
 from .outliers import LayerOutliers
 
 
@@ -131,6 +132,65 @@ def attention_maps(trace: Trace, layer: int, head: int | None = None) -> Attenti
         maps=layout.patch_grid(attention),
         to_prefix=attention[:, :layout.num_prefix],
     )
+
+
+def head_maps(trace: Trace, layer: int, query: str) -> np.ndarray:
+    """Every head's attention of one prefix query (``cls``, ``reg0``, ...) over the patches.  # [head, row, col]
+
+    Raises:
+        OptionError: layer out of range, or no such prefix token.
+    """
+    layer = _check_index(layer, trace.num_layers, "layer")
+    names = trace.layout.prefix_names()
+    if query not in names:
+        raise OptionError(f"This model has no '{query}' token; its prefix tokens are {', '.join(names) or 'none'}.")
+    return trace.layout.patch_grid(trace.attention[layer, :, names.index(query)])
+
+
+@dataclass(frozen=True, eq=False)
+class PatchAttention:
+    """What one patch attends to and who attends to it in one block, per head.
+
+    Attributes:
+        layer: Block index.
+        cell: The patch (row, col).
+        prefix_names: ``cls``, ``reg0``, ... in token order.
+        gives: The patch's attention to every patch.  # [head, row, col]
+        gives_prefix: The patch's attention to each prefix token.  # [head, prefix]
+        gets: Every patch's attention to the patch.  # [head, row, col]
+        gets_prefix: Each prefix token's attention to the patch.  # [head, prefix]
+    """
+
+    layer: int
+    cell: tuple[int, int]
+    prefix_names: list[str]
+    gives: np.ndarray
+    gives_prefix: np.ndarray
+    gets: np.ndarray
+    gets_prefix: np.ndarray
+
+
+def patch_attention(weights: np.ndarray, layout: TokenLayout, layer: int, cell: tuple[int, int]) -> PatchAttention:
+    """Split one block's full attention (``vitlens.capture.full_attention``) around one patch.
+
+    Args:
+        weights: Softmax attention of every query over every token.  # [head, query, token]
+        layout: Token order of that pass.
+        layer: The block it came from.
+        cell: The patch (row, col).
+
+    Raises:
+        OptionError: the cell is outside the grid.
+    """
+    rows, cols = layout.grid
+    row, col = cell
+    if not (0 <= row < rows and 0 <= col < cols):
+        raise OptionError(f"Patch ({row}, {col}) is outside the {rows} x {cols} grid.")
+    token = layout.num_prefix + row * cols + col
+    prefix = slice(0, layout.num_prefix)
+    return PatchAttention(layer=layer, cell=(row, col), prefix_names=layout.prefix_names(),
+                          gives=layout.patch_grid(weights[:, token]), gives_prefix=weights[:, token, prefix],
+                          gets=layout.patch_grid(weights[:, :, token]), gets_prefix=weights[:, prefix, token])
 
 
 POOL_QUERY = "attention-pool query"
