@@ -105,6 +105,18 @@ def comparison_grid(request: Request, layer: int, threshold: float | None, share
         cell_px=cell_px, opacity=opacity)
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def _grid_png(key: str, layer: int, threshold: float | None, shared_scale: bool, cell_px: int, opacity: float,
+              _request: Request) -> bytes:
+    return grid_image.to_png(comparison_grid(_request, layer, threshold, shared_scale, cell_px, opacity))
+
+
+def comparison_grid_png(request: Request, layer: int, threshold: float | None, shared_scale: bool, cell_px: int = 240,
+                        opacity: float = 0.6) -> bytes:
+    """``comparison_grid`` as a PNG, kept for reruns that do not change it (a large grid takes seconds)."""
+    return _grid_png(request.key, layer, threshold, shared_scale, cell_px, opacity, request)
+
+
 @dataclass(frozen=True, eq=False)
 class HistogramView:
     histograms: list[NormHistogram]

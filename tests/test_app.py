@@ -234,7 +234,9 @@ def test_comparison_grid_puts_models_in_columns_and_downloads_that_grid(weights_
     grid = image_data.comparison_grid(at.session_state["request"], 4, None, True)
     assert grid.shape == (2, 2) and grid.column_labels == [TINY, TINY_REG]
     assert grid.file_stem == f"vitlens_norm_grid_{TINY}_vs_{TINY_REG}_layer4_{TINY_SIDE}px_shared"
-    png = Image.open(io.BytesIO(grid_image.to_png(grid)))
+    shown = image_data.comparison_grid_png(at.session_state["request"], 4, None, True)  # the image and the PNG download
+    assert shown == grid_image.to_png(grid)
+    png = Image.open(io.BytesIO(shown))
     plan = grid_image.layout(grid)
     assert png.size == (2 * plan.width, 2 * plan.height) and [len(row) for row in plan.cell_boxes] == [2, 2]
     outlines = [r for r in ET.fromstring(grid_image.to_svg(grid)).iter("{http://www.w3.org/2000/svg}rect")

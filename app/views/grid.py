@@ -29,7 +29,7 @@ with controls[3]:
                        help="On: the same colour means the same norm in every cell. Off: one scale per model (column).")
 
 grid = ui.fetch(image_data.comparison_grid, request, layer, ui.threshold(), shared, cell, opacity)
-png = grid_image.to_png(grid)
+png = image_data.comparison_grid_png(request, layer, ui.threshold(), shared, cell, opacity)
 st.image(png, width=grid_image.layout(grid).width)  # drawn at twice that: sharp on high-density screens
 downloads = st.columns(4)
 with downloads[0]:
