@@ -1,4 +1,6 @@
 """Token embedding: PCA or UMAP of one layer's tokens over the chosen images, every model side by side, outliers coloured."""
+import itertools
+
 import streamlit as st
 
 import data
@@ -51,9 +53,10 @@ def draw(views: image_data.EmbeddingViews, suffix: str, note: str = "") -> None:
 
 slot = st.empty()  # the one plot area: waiting, the PCA while UMAP runs, then the result replace each other
 threshold = ui.threshold()
+waits = itertools.count()  # one run may wait for each model's UMAP in turn: each wait draws the PCA afresh
 pca = ui.fetch(image_data.embeddings, request, layer, "pca", threshold, normalize, area=slot)
 views = pca if method == "pca" else ui.fetch(image_data.embeddings, request, layer, "umap", threshold, normalize, area=slot,
-                                             while_waiting=lambda: draw(pca, "waiting", " · PCA while UMAP runs"))
+                                             while_waiting=lambda: draw(pca, f"waiting-{next(waits)}", " · PCA while UMAP runs"))
 with slot.container():
     draw(views, method, " · unit-length tokens" if normalize else "")
 detail = ui.fetch(image_data.picked_cell, request, layer, threshold, st.session_state.get("picked_point"))
