@@ -2,10 +2,11 @@
 
 A link holds everything a teammate needs to see the same view: the sidebar (model, weights, side,
 images, threshold, compare) and each page's widgets (layer, head, focused image, colour scales,
-opacity, post-norm, embedding method and unit-length tokens, grid cell width, heads query, histogram
-layers...). Reading is strict and never raises: a value that does not parse, or lies outside its
-range, is left out (the widget keeps its default) and named in one message. Widgets that need the request to validate a value (a head the
-model has, an image of the view) do that on their page, as they do for values the user set.
+opacity, post-norm, embedding method and unit-length tokens, grid cell width, heads query and patch,
+histogram layers...). Reading is strict and never raises: a value that does not parse, or lies
+outside its range, is left out (the widget keeps its default) and named in one message. Widgets
+that need the request to validate a value (a head the model has, an image of the view) do that on
+their page, as they do for values the user set.
 
 Streamlit turns every change of ``st.query_params`` into a browser history entry, so the URL is
 written only when the view changed: not on a session's first run unless the link had to be
@@ -90,6 +91,19 @@ def _whole_of(values: tuple[int, ...]) -> Callable[[str], int]:
     return parse
 
 
+def _position(text: str) -> tuple[float, float]:
+    """A place on the image: "y,x", each a fraction of the height or width (0 to 1)."""
+    parts = text.split(",")
+    values = tuple(float(part) for part in parts)
+    if len(values) != 2 or not all(0.0 <= value <= 1.0 for value in values):  # NaN fails the comparison too
+        raise ValueError(text)
+    return values
+
+
+def _position_text(value: object) -> str:
+    return ",".join(f"{float(v):.4g}" for v in value)
+
+
 def _name(text: str) -> str:
     if len(text) > MAX_TEXT:
         raise ValueError(text[:40])
@@ -131,6 +145,7 @@ FIELDS = (
     Field("embed_normalize", "embed_unit", _flag, _flag_text),
     Field("grid_cell", "grid_cell", _whole_of(GRID_CELLS)),
     Field("heads_query", "heads_query", _name),
+    Field("attention_patch", "patch", _position, _position_text),
     Field("figure_format", "format", _one_of("png", "svg")),
 )
 

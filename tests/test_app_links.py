@@ -30,14 +30,15 @@ def _ok(at: AppTest) -> None:
 
 def test_fields_read_what_they_write_and_refuse_the_rest():
     state = dict(head=3, opacity=0.35, post_norm=True, norm_scale_shared=False, extra_layers=[1, 4], focus_image="cat",
-                 embed_method="umap", embed_normalize=True, layer=7, grid_cell=320, heads_query="reg2")
+                 embed_method="umap", embed_normalize=True, layer=7, grid_cell=320, heads_query="reg2",
+                 attention_patch=(0.3125, 0.5625))
     values, bad = links.read(links.write(state))
     assert values == state and bad == []
     hostile = dict(head="-1", opacity="nan", post_norm="yes", hist_layers="1,x", embed_method="tsne", embed_unit="9" * 5000,
-                   image="x" * 10_000, layer="1e3", log_y="", format="svg")
+                   image="x" * 10_000, layer="1e3", log_y="", format="svg", patch="nan,0.5")
     values, bad = links.read(hostile)
     assert values == {"figure_format": "svg"}
-    assert bad == ["layer", "image", "head", "opacity", "post_norm", "hist_layers", "embed_method", "embed_unit"]
+    assert bad == ["layer", "image", "head", "opacity", "post_norm", "hist_layers", "embed_method", "embed_unit", "patch"]
     assert links.read({"opacity": "0.33", "head": "mean"})[0] == {"opacity": 0.35, "head": "mean"}  # on the slider's steps
 
 
@@ -123,3 +124,12 @@ def test_a_bad_compare_or_side_keeps_the_sidebar_usable(bad):
     at = _app(**dict(LINK, compare=bad, side=bad)).run()
     assert not at.exception
     assert at.checkbox(key="compare").value and at.number_input(key="side").value >= 4 * 14
+
+
+def test_a_link_opens_the_attention_heads_on_the_patch_it_names():
+    at = _app(**LINK, layer="4", heads_query="patch", patch="0.4375,0.5625").run()
+    at.switch_page("views/attention.py").run()
+    _ok(at)
+    assert at.selectbox(key="heads_query").value == "patch"
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("who attends to patch (3, 4)" in spec for spec in titles)
