@@ -29,8 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from .analysis.outliers import parse_threshold
-from .analysis.outliers_batch import auto_thresholds
+from .analysis.outliers import auto_thresholds, parse_threshold
 from .capture import PRECISIONS, Trace, capture
 from .checkpoints import WEIGHT_SUFFIXES
 from .engine import resolve_device

@@ -33,6 +33,7 @@ it missed most 518 px images and any mode above a quarter of the tokens. The tai
 candidate mode's gap and height against the bulk's own tail: exact on Pareto tails, conservative
 on lighter ones (normal, lognormal, gamma bulks fall faster than exponential in log norm).
 docs/outliers.md has the calibration table (``python -m vitlens.calibrate``) and where it falls short.
+``auto_thresholds`` applies the same rule (the same float operations) to many rows at once for sweeps.
 """
 from __future__ import annotations
 
@@ -203,38 +204,95 @@ def _tail_size(count: int) -> int:
 
 def _tail_split(log_norms: np.ndarray, dropped: int) -> ThresholdDecision:
     count = log_norms.size
+    needed = ALPHA / effective_tests(count)
+    splits = _significance(log_norms[None])
+    if not splits.k.size:
+        gaps = log_norms[:count // 2] - log_norms[1:count // 2 + 1]
+        widest = int(np.argmax(gaps)) + 1
+        return _tail_decision(log_norms, widest, None, needed, False, float(_bulk_medians(log_norms[None], 0, widest)), dropped)
+    passed = splits.p_values < needed
+    best = int(np.argmax(np.where(passed, splits.gaps, -np.inf))) if passed.any() else int(np.argmin(splits.p_values))
+    return _tail_decision(log_norms, int(splits.k[best]), float(splits.p_values[best]), needed, True,
+                          float(splits.bulk_median[best]), dropped)
+
+
+@dataclass(frozen=True)
+class _Splits:
+    """The splits that are visible modes, of many rows of decreasing log norms, with their tail p-values."""
+
+    rows: np.ndarray  # [split] the row each split belongs to
+    k: np.ndarray  # [split] tokens above the split
+    gaps: np.ndarray  # [split] log gap below the k-th largest
+    bulk_median: np.ndarray  # [split] median log norm below the split
+    p_values: np.ndarray  # [split] bulk-tail p-value (module doc, step 2)
+
+
+def _significance(log_norms: np.ndarray) -> _Splits:
+    """Steps 2-3 of the module doc for every row at once.  # log_norms: [row, value], decreasing, finite"""
+    count = log_norms.shape[1]
     tail = _tail_size(count)
     size = min(count // 2, count - tail - 1)  # candidates k = 1..size
-    gaps = log_norms[:size] - log_norms[1:size + 1]  # [K], gap below the k-th largest
-    k = np.flatnonzero(gaps >= math.log(MIN_GAP_RATIO)) + 1  # wide enough to be seen
-    bulk_median = _bulk_medians(log_norms, k)
-    visible = log_norms[k - 1] - bulk_median >= math.log(MIN_MEDIAN_RATIO)
-    needed = ALPHA / effective_tests(count)
-    if not visible.any():
-        widest = int(np.argmax(gaps)) + 1
-        return _tail_decision(log_norms, widest, None, needed, False, float(_bulk_medians(log_norms, widest)), dropped)
-    k, bulk_median, gaps = k[visible], bulk_median[visible], gaps[k[visible] - 1]
-    ranks = k[:, None] + np.arange(1, tail + 1)  # [K, M]
-    spacings = ranks * (log_norms[ranks - 1] - log_norms[ranks])  # D_i = i (y_i - y_(i+1)) of the bulk's top M
+    all_gaps = log_norms[:, :size] - log_norms[:, 1:size + 1]  # [row, K], gap below the k-th largest
+    rows, k = np.nonzero(all_gaps >= math.log(MIN_GAP_RATIO))  # wide enough to be seen
+    k = k + 1
+    bulk_median = _bulk_medians(log_norms, rows, k)
+    visible = log_norms[rows, k - 1] - bulk_median >= math.log(MIN_MEDIAN_RATIO)
+    rows, k, bulk_median = rows[visible], k[visible], bulk_median[visible]
+    gaps = all_gaps[rows, k - 1]
+    ranks = k[:, None] + np.arange(1, tail + 1)  # [split, M]
+    spacings = ranks * (log_norms[rows[:, None], ranks - 1] - log_norms[rows[:, None], ranks])  # D_i = i (y_i - y_(i+1))
     scale = np.maximum(spacings.mean(axis=1), MIN_TAIL_SCALE)  # mu_k: Hill estimate of the tail scale
-    height = (log_norms[:count // 2 + 1].cumsum()[k - 1] / k - log_norms[k]) / scale  # H_k / mu_k ~ F(2k, 2M)
+    sums = log_norms[:, :count // 2 + 1].cumsum(axis=1)
+    height = (sums[rows, k - 1] / k - log_norms[rows, k]) / scale  # H_k / mu_k ~ F(2k, 2M)
     gap = k * gaps / scale  # D_k / mu_k ~ F(2, 2M)
     p_values = 2 * np.minimum(betainc(tail, k, tail / (tail + k * height)), (1 + gap / tail) ** -tail)
-    passed = p_values < needed
-    if passed.any():  # the widest gap among the significant splits
-        best = int(np.argmax(np.where(passed, gaps, -np.inf)))
-    else:
-        best = int(np.argmin(p_values))
-    return _tail_decision(log_norms, int(k[best]), float(p_values[best]), needed, True, float(bulk_median[best]),
-                          dropped)
+    return _Splits(rows, k, gaps, bulk_median, p_values)
 
 
-def _bulk_medians(log_norms: np.ndarray, k: np.ndarray | int) -> np.ndarray:
-    """Median of ``log_norms[k:]`` for each ``k`` (decreasing input), vectorised."""
-    remaining = log_norms.size - k  # bulk sizes
-    upper = log_norms[k + (remaining - 1) // 2]
-    lower = log_norms[k + remaining // 2]
-    return (upper + lower) / 2
+def auto_thresholds(norms: np.ndarray) -> np.ndarray:
+    """``auto_threshold`` of every row at once (a sweep's every layer of every image), NaN for no high mode.
+
+    Rows of finite norms with enough tokens for the tail rule share one pass of array operations;
+    any other row (non-finite norms, tiny grids, all norms equal) goes through ``decide_threshold``.
+
+    Args:
+        norms: Sets of norms of one size.  # [row, value]
+
+    Returns:
+        Thresholds.  # [row]
+    """
+    values = np.asarray(norms, dtype=np.float64)
+    thresholds = np.full(values.shape[0], math.nan)
+    log_norms = np.log(np.maximum(np.sort(values, axis=1)[:, ::-1], 1e-30))  # [row, value], decreasing
+    batched = np.isfinite(values).all(axis=1) & (values.shape[1] >= MIN_TAIL_TOKENS)
+    if values.shape[1]:
+        batched &= log_norms[:, 0] - log_norms[:, -1] >= 1e-9
+    for row in np.flatnonzero(~batched):
+        threshold = decide_threshold(values[row]).threshold
+        thresholds[row] = math.nan if threshold is None else threshold
+    rows = np.flatnonzero(batched)
+    if rows.size:
+        thresholds[rows] = _tail_thresholds(log_norms[rows])
+    return thresholds
+
+
+def _tail_thresholds(log_norms: np.ndarray) -> np.ndarray:
+    """``_tail_split``'s threshold for each row.  # [row, value] -> [row]"""
+    splits = _significance(log_norms)
+    passed = splits.p_values < ALPHA / effective_tests(log_norms.shape[1])
+    score = np.where(passed, splits.gaps, -np.inf)
+    thresholds = np.full(log_norms.shape[0], math.nan)
+    for row in np.unique(splits.rows[passed]):  # the widest gap among the row's significant splits
+        candidates = np.flatnonzero(splits.rows == row)
+        best = int(splits.k[candidates[np.argmax(score[candidates])]])
+        thresholds[row] = math.sqrt(math.exp(log_norms[row, best]) * math.exp(log_norms[row, best - 1]))
+    return thresholds
+
+
+def _bulk_medians(log_norms: np.ndarray, rows: np.ndarray | int, k: np.ndarray | int) -> np.ndarray:
+    """Median of ``log_norms[row, k:]`` for each (row, k).  # log_norms: [row, value], decreasing"""
+    remaining = log_norms.shape[1] - k  # bulk sizes
+    return (log_norms[rows, k + (remaining - 1) // 2] + log_norms[rows, k + remaining // 2]) / 2
 
 
 def _tail_decision(log_norms: np.ndarray, k: int, p_value: float | None, needed: float, visible: bool,

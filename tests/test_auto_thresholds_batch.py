@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from vitlens.analysis.outliers import decide_threshold
-from vitlens.analysis.outliers_batch import auto_thresholds
+from vitlens.analysis.outliers import auto_thresholds, decide_threshold
 from vitlens.calibrate import FAMILIES, MAIN_GRIDS, SMALL_GRIDS
 
 
