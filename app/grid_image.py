@@ -116,8 +116,9 @@ def nice_ticks(low: float, high: float, count: int = 5) -> tuple[list[float], li
         ends = np.ceil(low / step - 1e-9), np.floor(high / step + 1e-9)  # tick indices inside the range
         values = [float(i * step) for i in np.arange(ends[0], ends[1] + 1)]
         closer = abs(len(values) - count) < abs(len(best[0]) - count)
-        tie_with_more = abs(len(values) - count) == abs(len(best[0]) - count) and len(values) > len(best[0])
-        if len(values) >= 2 and (closer or tie_with_more):
+        tie = abs(len(values) - count) == abs(len(best[0]) - count)
+        better_tie = tie and (len(values) > len(best[0]) or best[1] == high - low)  # more ticks, or round ones over the ends
+        if len(values) >= 2 and (closer or better_tie):
             best = (values, step)
     values, step = best
     if step == high - low:

@@ -86,4 +86,6 @@ def test_nice_ticks_are_round_and_inside_the_range():
     values, labels = grid_image.nice_ticks(0.0031, 0.0038, 3)
     assert labels == ["0.0032", "0.0034", "0.0036", "0.0038"] and all(0.0031 <= v <= 0.0038 + 1e-12 for v in values)
     assert grid_image.nice_ticks(5, 20, 3)[1] == ["5", "10", "15", "20"]
+    assert grid_image.nice_ticks(2.63, 101, 3)[1] == ["50", "100"]  # round values rather than the two ends
+    assert grid_image.nice_ticks(10.2, 10.21, 3)[1] == ["10.200", "10.205", "10.210"]
     assert grid_image.nice_ticks(3, 3) == ([3], ["3"])
