@@ -217,3 +217,23 @@ def test_a_sweep_started_from_the_sidebar_in_hosted_mode_runs_on_the_worker(tmp_
     status = JobQueue(Settings.from_env().queue_dir).status(note["job"])
     _assert_the_sweep_opened(at, tmp_path)
     assert (status.state, status.worker, status.done, status.total) == ("done", "page-worker", 6, 6)  # 3 files x 2 weights
+
+
+def test_dataset_page_draws_the_folder_without_registers_first_whichever_is_chosen(folders):
+    """Chosen: the clean model with registers, compared with the training run without: the run is drawn first in
+    the colour of "without registers" everywhere, while the gallery stays the chosen folder's."""
+    import sys
+
+    sys.path.insert(0, str(APP))
+    import figures
+
+    at = _open("views/dataset.py", results="reg")
+    at.selectbox(key="compare_folder").set_value("run").run()
+    _ok(at)
+    assert [m.label for m in at.metric] == ["run", "reg"]
+    hist, share, grid = _figures(at)
+    colours = [figures.ROLE_COLOURS[figures.WITHOUT_REGISTERS], figures.ROLE_COLOURS[figures.WITH_REGISTERS]]
+    assert [(t["name"], t["line"]["color"]) for t in share["data"]] == list(zip(["run", "reg"], colours))
+    assert [t["marker"]["color"] for t in hist["data"] if t["type"] == "bar"] == colours
+    assert [a["text"] for a in grid["layout"]["annotations"]] == ["run", "reg"]
+    assert all(": 0 outliers" in c.value for c in at.caption if "outliers (" in c.value)  # reg's gallery, not run's
