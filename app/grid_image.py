@@ -73,6 +73,7 @@ class ComparisonGrid:
         file_stem: Descriptive file name without extension.
         cell_px: Width of a cell in pixels.
         opacity: Heat-map opacity over the picture.
+        column_colours: Each model's colour for its header (``figures.model_colours``); None: black.
     """
 
     title: str
@@ -86,6 +87,7 @@ class ComparisonGrid:
     file_stem: str
     cell_px: int = 240
     opacity: float = 0.6
+    column_colours: list[str] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -156,6 +158,7 @@ class Text:
     text: str
     size: int
     anchor: str = "start"
+    colour: str = "#111111"
 
 
 @dataclass(frozen=True)
@@ -233,9 +236,10 @@ def layout(grid: ComparisonGrid) -> Layout:
     title = _wrap(grid.title, TITLE_SIZE, label_w + grid_w)
     items: list = [Text(MARGIN, y + i * (TITLE_SIZE + 4) + TITLE_SIZE / 2, line, TITLE_SIZE) for i, line in enumerate(title)]
     y += len(title) * (TITLE_SIZE + 4) + 8
+    colours = grid.column_colours or [Text.colour] * cols
     for c, (label, lines) in enumerate(zip(grid.column_labels, notes)):
         centre = x0 + c * (cell_w + GAP) + cell_w / 2
-        items.append(Text(centre, y + HEADER_SIZE / 2, label, HEADER_SIZE, "middle"))
+        items.append(Text(centre, y + HEADER_SIZE / 2, label, HEADER_SIZE, "middle", colours[c]))
         items += [Text(centre, y + HEADER_SIZE + 6 + i * (NOTE_SIZE + 3) + NOTE_SIZE / 2, line, NOTE_SIZE, "middle")
                   for i, line in enumerate(lines)]
     y += header_h + 8
@@ -305,7 +309,7 @@ def to_png(grid: ComparisonGrid, scale: float = 2.0) -> bytes:
             size = (max(1, round(item.w * scale)), max(1, round(item.h * scale)))
             canvas.paste(item.make(*size), (round(item.x * scale), round(item.y * scale)))
         elif isinstance(item, Text):
-            draw.text((item.x * scale, item.y * scale), item.text, fill="#111111", font=_font(round(item.size * scale)),
+            draw.text((item.x * scale, item.y * scale), item.text, fill=item.colour, font=_font(round(item.size * scale)),
                       anchor=_PIL_ANCHORS[item.anchor])
         else:
             box = [item.x * scale, item.y * scale, (item.x + item.w) * scale, (item.y + item.h) * scale]
@@ -335,7 +339,7 @@ def to_svg(grid: ComparisonGrid, raster_scale: float = 2.0) -> str:
                          f'preserveAspectRatio="none" href="{uri}"/>')
         elif isinstance(item, Text):
             parts.append(f'<text x="{item.x:.2f}" y="{item.y:.2f}" font-size="{item.size}" text-anchor="{item.anchor}" '
-                         f'dominant-baseline="central" fill="#111111">{escape(item.text)}</text>')
+                         f'dominant-baseline="central" fill="{item.colour}">{escape(item.text)}</text>')
         elif item.w == 0:
             parts.append(f'<line x1="{item.x:.2f}" y1="{item.y:.2f}" x2="{item.x:.2f}" y2="{item.y + item.h:.2f}" '
                          f'stroke="{item.colour}" stroke-width="{item.width}"/>')

@@ -80,7 +80,8 @@ def comparison_grid(request: Request, layer: int, threshold: float | None, share
                     opacity: float = 0.6) -> grid_image.ComparisonGrid:
     """Every chosen image (rows) by every model of the request at one layer, outliers outlined, drawable as
     PNG or SVG. Columns: without registers, with trained registers, with a test-time register."""
-    runs = captured(request).runs  # in drawing order (captures.in_drawing_order)
+    result = captured(request)
+    runs = result.runs  # in drawing order (captures.in_drawing_order)
     cells = []
     for index, ref in enumerate(request.images):
         picture = image(ref).image
@@ -102,7 +103,7 @@ def comparison_grid(request: Request, layer: int, threshold: float | None, share
         aspects=[trace.input_size[0] / trace.input_size[1] for trace in runs[0].traces],
         file_stem=grid_image.file_stem(["vitlens_norm_grid", "_vs_".join(run.name for run in runs),
                                         f"layer{layer}", f"{request.side}px", "shared" if shared_scale else "split"]),
-        cell_px=cell_px, opacity=opacity)
+        cell_px=cell_px, opacity=opacity, column_colours=result.colours)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

@@ -233,6 +233,8 @@ def test_comparison_grid_puts_models_in_columns_and_downloads_that_grid(weights_
     image_data, grid_image = sys.modules["image_data"], sys.modules["grid_image"]
     grid = image_data.comparison_grid(at.session_state["request"], 4, None, True)
     assert grid.shape == (2, 2) and grid.column_labels == [TINY, TINY_REG]
+    figures = sys.modules["figures"]
+    assert grid.column_colours == [figures.ROLE_COLOURS[figures.WITHOUT_REGISTERS], figures.ROLE_COLOURS[figures.WITH_REGISTERS]]
     assert grid.file_stem == f"vitlens_norm_grid_{TINY}_vs_{TINY_REG}_layer4_{TINY_SIDE}px_shared"
     shown = image_data.comparison_grid_png(at.session_state["request"], 4, None, True)  # the image and the PNG download
     assert shown == grid_image.to_png(grid)

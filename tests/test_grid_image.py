@@ -89,3 +89,17 @@ def test_nice_ticks_are_round_and_inside_the_range():
     assert grid_image.nice_ticks(2.63, 101, 3)[1] == ["50", "100"]  # round values rather than the two ends
     assert grid_image.nice_ticks(10.2, 10.21, 3)[1] == ["10.200", "10.205", "10.210"]
     assert grid_image.nice_ticks(3, 3) == ([3], ["3"])
+
+
+def test_model_headers_carry_the_models_colours_in_png_and_svg():
+    import dataclasses
+
+    import figures
+
+    colours = figures.model_colours([figures.WITHOUT_REGISTERS, figures.WITH_REGISTERS, figures.TEST_TIME_REGISTER])
+    grid = dataclasses.replace(_grid(), column_colours=colours)
+    headers = {t.text: t.get("fill") for t in ET.fromstring(grid_image.to_svg(grid)).findall(f"{SVG}text")}
+    assert [headers[label] for label in grid.column_labels] == colours and headers["b.png"] == "#111111"
+    png = np.asarray(Image.open(io.BytesIO(grid_image.to_png(grid))).convert("RGB")).reshape(-1, 3)
+    red = np.array(Image.new("RGB", (1, 1), colours[0]).getpixel((0, 0)))
+    assert (png == red).all(axis=1).any()  # the first header's text, in the colour of "without registers"
