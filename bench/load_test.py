@@ -16,8 +16,8 @@ or ``failed`` / ``cancelled`` with a reason. Everything runs on this machine; th
 
 ``--hostile`` runs two phases on fresh images: honest sessions alone, then honest sessions
 while a hostile one, in Chromium, opens the ``?images=coffee,…`` link (ten thousand copies),
-opens every gallery image at a large side and closes the tab once the job is queued (the job
-must end cancelled), and uploads a zip-bomb ``.pth`` through the app's weights upload (then
+opens every gallery image at a large side once the killed worker is back and closes the tab
+once the job is queued (the job must end cancelled, the worker must stop after its batch), and uploads a zip-bomb ``.pth`` through the app's weights upload (then
 asks the worker for the same bomb in the weights folder), while the worker is SIGKILLed and
 restarted. ``--browsers N`` of the honest sessions are real Chromium pages on the app: each
 request opens a link for a gallery image and uploads a fresh photograph crop through the
@@ -257,6 +257,14 @@ def _session(client: Client, run: Run, session: int, args: argparse.Namespace, s
             run.add(Outcome(session, request, time.monotonic() - start, "error", f"{type(error).__name__}: {error}", job_id))
 
 
+def _faulted(client: Client, workers: list[subprocess.Popen], env, logs: Path, args, report: dict) -> None:
+    """``_kill_and_restart``, then tell the hostile session (``args.fault_over``) that a worker is back."""
+    try:
+        _kill_and_restart(client, workers, env, logs, args, report)
+    finally:
+        args.fault_over.set()
+
+
 def _kill_and_restart(client: Client, workers: list[subprocess.Popen], env, logs: Path, args, report: dict) -> None:
     """Wait for a job that is running with a batch under way, SIGKILL its worker, restart it."""
     start = time.monotonic()
@@ -273,10 +281,15 @@ def _kill_and_restart(client: Client, workers: list[subprocess.Popen], env, logs
     index = next(i for i, process in enumerate(workers) if process.pid == victim_pid)
     workers[index].send_signal(signal.SIGKILL)
     workers[index].wait(30)
+    killed_at = time.monotonic()
     report["killed"] = {"worker": rows[0][1], "its_running_jobs": sum(1 for _, worker in rows if worker == rows[0][1]),
                         "all_running_jobs": len(rows)}
     time.sleep(args.restart_after)
     workers[index] = _start_worker(env, logs / f"worker{index}-restarted.log")
+    deadline = time.monotonic() + args.timeout
+    while not client.queue.workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    report["worker_back_s_after_kill"] = round(time.monotonic() - killed_at, 1)  # restarted, registered in the queue
 
 
 def _summary(run: Run, wall: float, args: argparse.Namespace) -> dict:
@@ -379,6 +392,7 @@ def _hostile_main(args: argparse.Namespace, settings: Settings, env: dict[str, s
                     "requests_per_session": args.requests, "images_per_request": args.images,
                     "load_average_at_start": _load_average()}
     args.work = work
+    args.fault_over = threading.Event()  # the closed-tab probe waits for it, so that a live worker takes its job
     try:
         report["app"] = _wait_app(app, args.timeout)
         client.compute_traces([_image(-1, 0, 0)], args.model, "random", CaptureOptions(side=args.side), timeout=args.timeout)
@@ -388,7 +402,7 @@ def _hostile_main(args: argparse.Namespace, settings: Settings, env: dict[str, s
         report["honest_only"]["peak_rss_mib"] = memory.take()
         hostile: dict = {}
         fault: dict = {}
-        killer = threading.Thread(target=_kill_and_restart, args=(client, workers, env, logs, args, fault), daemon=True)
+        killer = threading.Thread(target=_faulted, args=(client, workers, env, logs, args, fault), daemon=True)
         report["with_hostile"] = _phase(client, url, args, seed=200, hostile=hostile, killer=killer)
         report["with_hostile"]["peak_rss_mib"] = memory.take()
         report["hostile"] = hostile
@@ -539,6 +553,7 @@ def _hostile_link(browser, url: str, args: argparse.Namespace, report: dict) -> 
 
 def _closed_tab(browser, client: Client, url: str, args: argparse.Namespace, report: dict) -> None:
     """Every gallery image at a large side, tab closed once its job is queued: the job must end cancelled."""
+    args.fault_over.wait(args.timeout)
     side = CLOSED_TAB_SIDE
     link = f"{url}/?model={args.model}&weights=random&compare=0&side={side}&images={','.join(sorted(GALLERY))}"
     page = browser.new_page()
