@@ -4,10 +4,10 @@ In ``hosted`` mode the app never loads a model: it puts the images and a job int
 queue, reports the queue position and progress, and reads the traces from the ``TraceStore``
 by the keys the worker recorded. The job is submitted *watched*: while the client waits it
 touches the job, so a job whose waiter is gone (the app process died) is cancelled by the
-worker after ``job_lease`` seconds; when the progress callback raises (the app's user cancelled,
-or every session waiting for it left) the client cancels the job at once. In ``embedded`` mode (the default) the same happens, but the
-client first starts a worker thread inside this process, shared by every caller of the process
-and its loaded models. (The app uses the client in hosted mode only; embedded, it runs
+worker after ``job_lease`` seconds; when the progress callback raises (the app's user
+cancelled, or every session waiting for it left) the client cancels the job at once. In
+``embedded`` mode (the default) the same happens, but the client first starts a worker thread
+inside this process, shared by every caller of the process and its loaded models. (The app uses the client in hosted mode only; embedded, it runs
 captures on its own ``Engine``, see ``app/captures.py``.)
 """
 from __future__ import annotations
@@ -76,12 +76,12 @@ class Client:
         """
         if not images:
             return []
-        spec, joined = self._submit(images, model, weights, options)
+        spec, joined = self._submit(images, model, weights, options, watched=True)
         try:
             status = self.wait(spec.job_id, progress, timeout)
         except JobLostError:  # pruned, or the queue was rebuilt after damage: its images are still stored
             log.warning("job %s vanished from the queue; submitting it again", spec.job_id)
-            spec, joined = self._submit(images, model, weights, options)
+            spec, joined = self._submit(images, model, weights, options, watched=True)
             status = self.wait(spec.job_id, progress, timeout)
         results = self._read(status, all_cached=joined.state == DONE)
         if results is None:  # done, but traces were evicted from the store since: run again once
@@ -135,7 +135,7 @@ class Client:
         return self.queue.cancel(job_id, reason)
 
     def _submit(self, images: Sequence[DecodedImage], model: str, weights: str,
-                options: CaptureOptions, watched: bool = True) -> tuple[JobSpec, JobStatus]:
+                options: CaptureOptions, watched: bool) -> tuple[JobSpec, JobStatus]:
         self.settings.check_model(model)
         fingerprint = weights_fingerprint(resolve_spec(model), self.settings.resolve_weights(weights))
         self.settings.check_side(options.side)
