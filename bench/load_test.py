@@ -206,7 +206,7 @@ def _wait_app(app: tuple[subprocess.Popen, int], timeout: float) -> str:
     while time.monotonic() < deadline:
         if app[0].poll() is not None:
             return f"exited with {app[0].returncode}"
-        if (health := _health(app[1])) == "ok":
+        if _health(app[1]) == "ok":
             return f"ok on 127.0.0.1:{app[1]}"
         time.sleep(0.5)
     return "not healthy within 60 s"
