@@ -461,29 +461,29 @@ def page_request() -> data.Request:
 
 
 def fetch(fn: Callable[..., T], *args, while_waiting: Callable[[], None] | None = None, area=None, **kwargs) -> T:
-    """Call a data function; while it is pending show progress and a cancel button (in ``area``, a placeholder
-    the page draws into afterwards, so no stale element stays under the new one; else a new one); errors become
-    one message."""
+    """Call a data function; while it is pending show progress and a cancel button; errors become one message.
+
+    The progress goes to ``area`` (a placeholder the page draws into afterwards) or to a placeholder made
+    here whether or not the call waits: every run then has the same elements in the same places, so an
+    element of the previous run never lingers, faded, below the new one (it would when only one run waited).
+    """
+    area = st.empty() if area is None else area
     while True:
         try:
             result = fn(*args, **kwargs)
         except data.Pending as pending:
-            area = area or st.empty()
             _wait(pending.job, area, while_waiting)
             continue
         except data.Cancelled as cancelled:
-            if area is not None:
-                area.empty()
+            area.empty()
             st.warning(f"{cancelled} Change a setting or press the button to run it again.")
             st.button("Run again", on_click=data.forget, args=(cancelled.key,), key=f"again-{abs(hash(cancelled.key))}")
             st.stop()
         except VitlensError as error:
-            if area is not None:
-                area.empty()
+            area.empty()
             st.error(str(error))
             st.stop()
-        if area is not None:
-            area.empty()
+        area.empty()
         return result
 
 
