@@ -162,7 +162,7 @@ def test_worker_precision_applies_to_every_job(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_worker_processes_never_run_the_same_job(tmp_path: Path) -> None:
-    settings = job_settings(tmp_path, worker_batch=1)
+    settings = job_settings(tmp_path, worker_batch=1, worker_lease=15.0)  # no heartbeat goes stale on a busy machine
     worker = Worker(settings)  # used only for its queue and store
     processes = [start_worker(settings, 0.05, log=tmp_path / f"worker{i}.log") for i in range(2)]
     try:
