@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import time
 import zipfile
 from pathlib import Path
 
@@ -36,10 +35,8 @@ def test_a_zip_bomb_is_refused_before_inflating(tmp_path):
     bomb = tmp_path / "bomb.pth"
     _deflate(tmp_path / "plain.pth", bomb)
     assert bomb.stat().st_size < 4 * 2**20  # the tiny model's own weights plus about 100 KB of deflated zeros
-    start = time.monotonic()
-    with pytest.raises(WeightsError, match="compressed records"):
+    with pytest.raises(WeightsError, match="compressed records"):  # the archive check, before torch.load inflates
         load_model(MODEL, bomb)
-    assert time.monotonic() - start < 5
 
 
 def test_even_a_valid_deflated_checkpoint_is_refused(tmp_path):
