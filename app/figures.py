@@ -12,6 +12,7 @@ import base64
 import csv
 import io
 import itertools
+import textwrap
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -40,6 +41,8 @@ IMAGE_COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#9d755d", "#72b7b2
 IMAGE_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "triangle-down", "pentagon", "hexagon")
 COLOURBAR_PX = 80  # what a vertical colour bar with tick labels and a title takes beside the plot
 OWN_BAR_PX = 76  # what a thin per-map colour bar with 9-px tick labels (up to 9 characters) takes beside its map
+LEGEND_ROW_PX = 40  # height added per legend entry below a plot (two lines of a wrapped entry)
+LEGEND_CHARS = 34  # a legend line this long fits beside its symbol in a phone-wide (390 px) chart at plotly's 12-px font
 DOWNLOAD_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
@@ -64,6 +67,15 @@ def model_colours(roles: Sequence[str | None]) -> list[str]:
         colours.append(ROLE_COLOURS[role] if fixed else next(others))
         seen.add(role)
     return colours
+
+
+def narrow_legend(fig: go.Figure, chars: int = LEGEND_CHARS) -> go.Figure:
+    """Break legend entries longer than ``chars`` characters into lines, so no entry is cut off on a phone."""
+    for trace in fig.data:
+        name = trace.name or ""
+        if trace.showlegend is not False and len(name) > chars and "<br>" not in name:
+            trace.name = "<br>".join(textwrap.wrap(name, chars, break_long_words=False))
+    return fig
 
 
 def norm_label(post_norm: bool) -> str:
@@ -129,9 +141,12 @@ def _cell_axes(fig: go.Figure, grid: tuple[int, int], row: int | None = None, co
                      constrain="domain", title_text="row", row=row, col=col)
 
 
-def shared_range(overlays: Sequence[Overlay]) -> tuple[float, float]:
-    """One colour range for maps that are compared: the lowest to the highest value of all of them."""
-    return (float(min(np.nanmin(o.values) for o in overlays)), float(max(np.nanmax(o.values) for o in overlays)))
+def shared_range(overlays: Sequence[Overlay], top: float = 1.0) -> tuple[float, float]:
+    """One colour range for maps that are compared: the lowest value of all of them to their ``top`` quantile
+    (1: the highest; below 1, a few hot cells do not wash out the rest)."""
+    values = np.concatenate([o.values.ravel() for o in overlays])
+    high = float(np.nanmax(values) if top >= 1.0 else np.nanquantile(values, top))
+    return float(np.nanmin(values)), high
 
 
 def scale_ticks(low: float, high: float, count: int = 3) -> tuple[list[float], list[str]]:
@@ -187,11 +202,13 @@ def grid_plot_height(grid: tuple[int, int], plot_width: float) -> float:
 
 
 def overlay_figure(overlay: Overlay, opacity: float = 0.6, width: int = 460, max_height: int = 900,
-                   scale: tuple[float, float] | None = None) -> go.Figure:
+                   scale: tuple[float, float] | None = None, stretch: bool = False) -> go.Figure:
     """A heat map over its picture, outlier cells outlined, hover with row, col and value.
 
     The figure is ``width`` pixels wide and as tall as square cells need (at most ``max_height``).
     ``scale``: the colour range (low, high), e.g. ``shared_range`` of compared maps; None: the map's own.
+    ``stretch``: no fixed width, the figure takes its container's (a narrower one shows the map smaller,
+    still with square cells); the height is still the one for ``width``.
     """
     fig = go.Figure(_overlay_traces(overlay, opacity, None, show_outline_legend=True, scale=scale))
     if overlay.image:
@@ -200,7 +217,8 @@ def overlay_figure(overlay: Overlay, opacity: float = 0.6, width: int = 460, max
     margin = dict(l=50, r=10, t=44 + 21 * overlay.title.count("<br>"), b=85)
     plot_height = grid_plot_height(overlay.grid, width - margin["l"] - margin["r"] - COLOURBAR_PX)
     height = int(min(max_height, max(160.0, plot_height) + margin["t"] + margin["b"]))
-    fig.update_layout(title=dict(text=overlay.title, font=dict(color=overlay.colour)), width=width, height=height, margin=margin,
+    fig.update_layout(title=dict(text=overlay.title, font=dict(color=overlay.colour)), width=None if stretch else width,
+                      height=height, margin=margin,
                       legend=dict(orientation="h", yanchor="top", y=-45 / max(plot_height, 1), x=0),
                       plot_bgcolor="rgba(0,0,0,0)")
     return fig
@@ -339,11 +357,12 @@ def histogram_figure(histograms: Sequence[NormHistogram], log_y: bool = True, bi
         if hist.threshold is not None:
             right_half = hist.threshold > (edges[0] + edges[-1]) / 2  # write the label on the side with room
             fig.add_vline(x=hist.threshold, line=dict(color=colour, dash="dash", width=2),
-                          annotation=dict(text=f"threshold {hist.threshold:.4g}: {hist.count} outliers ({hist.fraction:.1%})",
-                                          font=dict(color=colour), yanchor="top", y=1 - 0.07 * index,
+                          annotation=dict(text=f"threshold {hist.threshold:.4g}:<br>{hist.count} outliers ({hist.fraction:.1%})",
+                                          font=dict(color=colour), yanchor="top", y=1 - 0.13 * index,
                                           xanchor="right" if right_half else "left"))
-    fig.update_layout(barmode="overlay", bargap=0, height=height, margin=dict(l=60, r=10, t=60, b=50),
-                      legend=dict(orientation="h", y=1.08, x=0), clickmode="event+select")
+    fig.update_layout(barmode="overlay", bargap=0, height=height + LEGEND_ROW_PX * len(histograms),
+                      margin=dict(l=60, r=10, t=30, b=50), legend=dict(orientation="h", yanchor="top", y=-0.16, x=0),
+                      clickmode="event+select")  # legend below: its entries take several lines on a phone
     pad = float(widths[0])
     fig.update_xaxes(title_text=f"patch {norm_label(post_norm)}", range=[float(edges[0]) - pad, float(edges[-1]) + pad])
     fig.update_yaxes(title_text="tokens" + (" (log scale)" if log_y else ""), type="log" if log_y else "linear",
@@ -464,35 +483,39 @@ def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 660) -> go.
 CLS_INPUT_OUTLIERS = "CLS attention in block l to tokens that were outliers in its input (block l-1 output)"
 
 
-def cls_attention_figure(items: Sequence[tuple[str, ClsOutlierAttention]], layer: int, height: int = 420,
-                         roles: Sequence[str | None] | None = None) -> go.Figure:
-    """Left: per block, CLS attention to the patches that were outliers in the block's input, and
-    the even-spread baseline (their share of the patches times CLS's attention on patches).
-    Right: at block ``layer``, where CLS attention goes (input outliers, other patches, CLS and registers).
+def cls_attention_figures(items: Sequence[tuple[str, ClsOutlierAttention]], layer: int, height: int = 420,
+                          roles: Sequence[str | None] | None = None) -> tuple[go.Figure, go.Figure]:
+    """Two figures (side by side on a wide screen, one above the other on a phone).
+
+    First: per block, CLS attention to the patches that were outliers in the block's input, and the
+    even-spread baseline (their share of the patches times CLS's attention on patches). Second: at
+    block ``layer``, where CLS attention goes (input outliers, other patches, CLS and registers).
     Block 0 has no outlier mask (its input has no captured norms): no point and no outlier bar.
     ``roles``: each model's role (``ROLES``), which fixes its colour."""
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.1,
-                        subplot_titles=(CLS_INPUT_OUTLIERS, f"CLS attention in block {layer}"))
+    per_block, split = go.Figure(), go.Figure()
     for (label, result), colour in zip(items, model_colours(roles or [None] * len(items))):
         blocks = np.arange(result.outlier_mass.size)
-        fig.add_trace(go.Scatter(x=blocks, y=result.outlier_mass * 100, mode="lines+markers", name=f"{label}: attention on input outliers",
-                                 line=dict(color=colour), legendgroup=label), row=1, col=1)
-        fig.add_trace(go.Scatter(x=blocks, y=result.expected_outlier_mass * 100, mode="lines",
-                                 name=f"{label}: if spread evenly over patches", line=dict(color=colour, dash="dot"),
-                                 legendgroup=label), row=1, col=1)
+        per_block.add_trace(go.Scatter(x=blocks, y=result.outlier_mass * 100, mode="lines+markers", legendgroup=label,
+                                       name=f"{label}: attention on input outliers", line=dict(color=colour)))
+        per_block.add_trace(go.Scatter(x=blocks, y=result.expected_outlier_mass * 100, mode="lines", legendgroup=label,
+                                       name=f"{label}: if spread evenly over patches", line=dict(color=colour, dash="dot"),
+                                       showlegend=False))  # the caption says what dotted is: half the legend on a phone
         parts = [result.outlier_mass[layer], result.normal_mass[layer], result.prefix_mass[layer]]
-        fig.add_trace(go.Bar(x=["input outliers", "other patches", "CLS + registers"], y=np.array(parts) * 100,
-                             name=label, marker_color=colour, legendgroup=label, showlegend=False,
-                             texttemplate="%{y:.1f}%", textposition="outside"), row=1, col=2)
+        split.add_trace(go.Bar(x=["input outliers", "other patches", "CLS + registers"], y=np.array(parts) * 100,
+                               name=label, marker_color=colour, showlegend=False, texttemplate="%{y:.1f}%",
+                               textposition="outside"))
     if layer == 0:
-        fig.add_annotation(text="block 0's input has no captured norms:<br>no outlier split", showarrow=False,
-                           xref="x2 domain", yref="y2 domain", x=0.5, y=0.8)
-    fig.update_xaxes(title_text="block (0-based)", row=1, col=1)
-    fig.update_yaxes(title_text="% of CLS attention", rangemode="tozero", row=1, col=1)
-    fig.update_yaxes(title_text="% of CLS attention", range=[0, 110], row=1, col=2)
-    fig.update_layout(barmode="group", height=height, margin=dict(l=60, r=10, t=40, b=50),
-                      legend=dict(orientation="h", y=-0.2, x=0))
-    return fig
+        split.add_annotation(text="block 0's input has no captured norms:<br>no outlier split", showarrow=False,
+                             xref="x domain", yref="y domain", x=0.5, y=0.8)
+    per_block.update_xaxes(title_text="block (0-based)")
+    per_block.update_yaxes(title_text="% of CLS attention", rangemode="tozero")
+    per_block.update_layout(title=dict(text="On the block's input outliers", font_size=14),
+                            height=height + LEGEND_ROW_PX * len(items), margin=dict(l=60, r=10, t=40, b=50),
+                            legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
+    split.update_yaxes(title_text="% of CLS attention", range=[0, 110])
+    split.update_layout(title=dict(text=f"Where it goes in block {layer}", font_size=14), barmode="group",
+                        height=height, margin=dict(l=60, r=10, t=40, b=50))
+    return per_block, split
 
 
 def patch_prefix_figure(found: PatchAttention, label: str, height: int | None = None) -> go.Figure:

@@ -262,7 +262,7 @@ def attention(request: Request, ref: str, layer: int, head: int | None, threshol
         pool = pool_attention_map(trace, pool_head)
         if pool is not None:
             queries.append((pool, found.masks[-1], f"after the last block, {_head_text(pool_head, _pool_heads(trace))}"))
-        overlays = [Overlay(title=f"{run.name}: <b>{name}</b> ({maps.patch_mass[i]:.0%} on patches)",
+        overlays = [Overlay(title=f"<b>{name}</b> ({maps.patch_mass[i]:.0%} on patches)<br><sup>{run.name}</sup>",
                             values=maps.maps[i], image=display_uri(ref, trace), mask=mask,
                             colorbar=f"attention (layer {layer}, {_head_text(head)})", value_name="attention", colour=colour)
                     for maps, mask, _ in queries for i, name in enumerate(maps.names)]

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Callable
 
 import streamlit as st
@@ -85,6 +85,12 @@ class Job:
         if check:
             self.check()
         self.done, self.total, self.stage = done, total, stage
+
+    def wait(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the job to end (returning as soon as it does); whether it has."""
+        if self.future is not None:
+            wait([self.future], timeout=timeout)
+        return self.finished
 
     def touch(self) -> None:
         """Someone is still waiting for this job."""

@@ -8,8 +8,7 @@ widgets are drawn and ``sync_url`` after the sidebar.
 from __future__ import annotations
 
 import itertools
-import time
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -40,6 +39,7 @@ SIDEBAR_KEYS = ("model", "custom_model", "compare", "weights_mode", "weights_fil
                 "threshold_auto", "threshold_value", "test_time_register")  # sidebar widgets an error run does not draw
 MIN_PATCHES = 4  # the input side is at least this many patches
 _WAITS = itertools.count()  # numbers the progress areas' cancel buttons
+GRACE_S = 0.5  # a job that ends this soon is waited for without showing its progress
 MAIN_WIDTH = 900  # pixels the main column gives figures in a 1400-pixel window (grid figures are drawn this wide)
 
 
@@ -467,11 +467,14 @@ def fetch(fn: Callable[..., T], *args, while_waiting: Callable[[], None] | None 
     here whether or not the call waits: every run then has the same elements in the same places, so an
     element of the previous run never lingers, faded, below the new one (it would when only one run waited).
     """
-    area = st.empty() if area is None else area
+    area, shown = st.empty() if area is None else area, False
     while True:
         try:
             result = fn(*args, **kwargs)
         except data.Pending as pending:
+            if not shown and pending.job.wait(GRACE_S):
+                continue  # a short job (a new image on warm models): no progress bar flashing up and away
+            shown = True
             _wait(pending.job, area, while_waiting)
             continue
         except data.Cancelled as cancelled:
@@ -504,7 +507,7 @@ def _wait(job: data.Job, area, while_waiting: Callable[[], None] | None) -> None
             tick += 1
             fraction = (tick % 20) / 20
         bar.progress(fraction, text=job.describe())
-        time.sleep(0.1)
+        job.wait(0.1)
 
 
 def notes(result: data.Captured) -> None:
@@ -558,13 +561,27 @@ def image_picker(request: data.Request, label: str = "Image") -> str:
 
 def chart(fig: go.Figure, key: str, **kwargs):
     """Draw a figure with the download button configured for the sidebar's format (a figure that
-    sets its own width is drawn that wide, at most the container's width)."""
+    sets its own width is drawn that wide, at most the container's width); long legend entries are
+    broken into lines, so a phone shows them whole."""
     if fig.layout.width is not None:
         kwargs.setdefault("width", "content")
+    figures.narrow_legend(fig)
     config = dict(figures.DOWNLOAD_CONFIG)
     config["toImageButtonOptions"] = dict(config["toImageButtonOptions"], format=st.session_state.get("figure_format", "png"),
                                           filename=key)
     return st.plotly_chart(fig, key=key, config=config, theme=None, **kwargs)
+
+
+def map_columns(overlays: Sequence[figures.Overlay], opacity: float, scale: tuple[float, float] | None, key: str,
+                per_row: int) -> None:
+    """Heat maps ``per_row`` to a row, each its own figure in its own column and as wide as it. Under 640 px
+    Streamlit stacks columns, so a phone shows one map per row, nothing cut off and no titles side by side."""
+    width = min(MAIN_WIDTH // per_row - 16, 640)  # what a column is on a wide screen: the height is sized for it
+    for start in range(0, len(overlays), per_row):
+        for index, column in zip(range(start, min(start + per_row, len(overlays))), st.columns(per_row)):
+            with column:
+                chart(figures.overlay_figure(overlays[index], opacity, width=width, scale=scale, stretch=True),
+                      key=f"{key}-{index}")
 
 
 def download_table(table: figures.Table | Callable[[], figures.Table], file_name: str, label: str = "Numbers (CSV)",

@@ -305,24 +305,38 @@ def test_emergence_marks_the_planted_layer(weights_dir):
     assert figure["layout"]["yaxis2"]["type"] == "log"
 
 
+def _attention_maps(at: AppTest) -> tuple[list[dict], list[str]]:
+    """The attention page's maps of CLS and each register (one figure each), and the titles and notes of
+    its two CLS-mass figures."""
+    drawn = [(f, f["layout"].get("title", {}).get("text", "")) for f in _figures(at)]
+    maps = [f for f, title in drawn if "on patches)" in title]
+    cls = [f for f, title in drawn if title.startswith(("On the block", "Where it goes"))]
+    return maps, [_title(f) for f in cls] + [a["text"] for f in cls for a in f["layout"].get("annotations", [])]
+
+
+def _colour_range(figure: dict) -> tuple[float, float]:
+    heat = next(t for t in figure["data"] if t["type"] == "heatmap")
+    return heat["zmin"], heat["zmax"]
+
+
 def test_attention_shows_cls_and_each_register(weights_dir):
     at = _planted_app(weights_dir)
     at.switch_page("views/attention.py").run()
     _ok(at)
-    maps, mass = _figures(at)[:2]
-    titles = [a["text"] for a in maps["layout"]["annotations"]]
+    maps, texts = _attention_maps(at)
+    titles = [_title(m) for m in maps]
     assert len(titles) == 6 and "<b>cls</b>" in titles[0] and "<b>reg3</b>" in titles[5]
-    assert _outlined({"data": [t for t in maps["data"] if t.get("xaxis") == "x"]}) == set(PLANTED_CELLS)
-    texts = [a["text"] for a in mass["layout"]["annotations"]]
-    assert "CLS attention in block 4" in texts and any("(block l-1 output)" in text for text in texts)
-    assert "coloraxis6" in maps["layout"] and any("its own colour scale" in c.value for c in at.caption)
+    assert all("width" not in m["layout"] for m in maps)  # as wide as their column: one per row on a phone
+    assert _outlined(maps[0]) == set(PLANTED_CELLS)
+    assert "Where it goes in block 4" in texts and "On the block's input outliers" in texts
+    assert len({_colour_range(m) for m in maps}) == 6 and any("its own colour scale" in c.value for c in at.caption)
     at.selectbox(key="head").set_value(1).run()
     _ok(at)
-    assert "head 1" in _title(_figures(at)[0])
+    assert "head 1" in json.dumps(_attention_maps(at)[0][0]["data"])
     at.toggle(key="shared_scale").set_value(True).run()
     _ok(at)
-    maps = _figures(at)[0]
-    assert "coloraxis2" not in maps["layout"] and "head 1" in maps["layout"]["coloraxis"]["colorbar"]["title"]["text"]
+    maps, _ = _attention_maps(at)
+    assert len({_colour_range(m) for m in maps}) == 1
     assert any("One colour scale for all maps" in c.value for c in at.caption)
 
 
@@ -368,12 +382,12 @@ def test_attention_outlines_the_outliers_of_the_blocks_input(weights_dir):
     at.switch_page("views/attention.py").run()
     at.slider(key="layer").set_value(PLANTED_LAYER).run()
     _ok(at)
-    maps = _figures(at)[0]
-    assert _outlined({"data": [t for t in maps["data"] if t.get("xaxis") == "x"]}) == set()
+    assert _outlined(_attention_maps(at)[0][0]) == set()
     at.slider(key="layer").set_value(0).run()
     _ok(at)
-    assert _outlined({"data": [t for t in _figures(at)[0]["data"] if t.get("xaxis") == "x"]}) == set()
-    assert any("no outlier split" in a["text"] for a in _figures(at)[1]["layout"]["annotations"])
+    maps, texts = _attention_maps(at)
+    assert _outlined(maps[0]) == set()
+    assert any("no outlier split" in text for text in texts)
 
 
 def test_a_model_without_registers_in_the_attention_view_says_so(weights_dir):
@@ -381,7 +395,7 @@ def test_a_model_without_registers_in_the_attention_view_says_so(weights_dir):
     at.switch_page("views/attention.py").run()
     _ok(at)
     assert "has no register tokens" in at.info[0].value
-    assert len(_figures(at)[0]["layout"]["annotations"]) == 1  # CLS only
+    assert len(_attention_maps(at)[0]) == 1  # CLS only
 
 
 def test_embedding_shows_both_models_side_by_side_and_a_picked_cell(weights_dir):

@@ -133,3 +133,17 @@ def test_a_link_opens_the_attention_heads_on_the_patch_it_names():
     assert at.selectbox(key="heads_query").value == "patch"
     titles = [c.proto.spec for c in at.get("plotly_chart")]
     assert any("who attends to patch (3, 4)" in spec for spec in titles)
+
+
+def test_a_page_waiting_on_a_job_hears_of_its_end_at_once():
+    """The upload benchmark: a short capture is waited for without a 0.1 s polling step (or a progress bar)."""
+    import time
+
+    import jobs
+
+    board = jobs.JobBoard()
+    job = board.run("k", "short", lambda job: time.sleep(0.05) or 7)
+    started = time.monotonic()
+    assert job.wait(5.0) and time.monotonic() - started < 1.0 and board.result(job) == 7
+    slow = board.run("slow", "slow", lambda job: time.sleep(0.5))
+    assert not slow.wait(0.01)

@@ -481,7 +481,7 @@ def test_a_click_on_a_heads_map_shows_what_that_patch_attends_to(server, page: P
     expect(page.get_by_text("All heads of block 8")).to_be_visible(timeout=FIRST_CAPTURE_S * 1000)
     charts_drawn(page, 4, FIRST_CAPTURE_S)
     settle(page)
-    heads = page.locator("[data-testid=stMain] .js-plotly-plot").nth(2)  # the first model's heads, CLS as the query
+    heads = page.locator("[data-testid=stMain] .js-plotly-plot").filter(has_text=re.compile("what .* attends to")).first  # the first model's heads, CLS as the query
     heads.scroll_into_view_if_needed()
     x, y = heads.evaluate("""p => { const l = p._fullLayout, box = p.getBoundingClientRect();
         return [box.left + l.xaxis._offset + l.xaxis.l2p(3), box.top + l.yaxis._offset + l.yaxis.l2p(5)]; }""")
@@ -491,3 +491,116 @@ def test_a_click_on_a_heads_map_shows_what_that_patch_attends_to(server, page: P
     check_no_errors(page, "attention, after a click on a heads map", log)
     assert "(5, 3) → CLS / registers" in chart_signature(page)
     screenshot(page, "attention_heads")
+
+
+# ----------------------------------------------------------------------------------------------
+# Links, history, phone width and the upload benchmark
+# ----------------------------------------------------------------------------------------------
+
+PHONE = {"width": 390, "height": 844}
+LINK_QUERY = ("model=dinov2_vits14_reg4&weights=synthetic&side=224&images=astronaut,cat&threshold=auto&layer=7"
+              "&opacity=0.35&norm_scale_shared=0&image=cat&head=2&hist_layers=3&log_y=0")
+OPACITY_SLIDER = "Heat-map opacity"
+UPLOAD_SIZE = (1024, 768)
+CHART_BOXES_JS = """() => [...document.querySelectorAll('[data-testid=stMain] [data-testid=stPlotlyChart]')]
+    .map(e => e.getBoundingClientRect()).filter(r => r.width > 0).map(r => [r.left, r.top, r.right, r.bottom])"""
+# Titles, annotations and legends of every chart: their boxes, and the box of the chart that holds them.
+TEXT_BOXES_JS = """() => [...document.querySelectorAll('[data-testid=stMain] .js-plotly-plot')].flatMap(p => {
+    const c = p.getBoundingClientRect();
+    return [...p.querySelectorAll('.gtitle, .annotation-text-g, .legend, .colorbar')].map(t => {
+        const r = t.getBoundingClientRect();
+        return [t.getAttribute('class'), [r.left, r.top, r.right, r.bottom], [c.left, c.top, c.right, c.bottom]]; }); })"""
+
+
+def _overlap(a: list[float], b: list[float], slack: float = 1.0) -> bool:
+    return a[0] < b[2] - slack and b[0] < a[2] - slack and a[1] < b[3] - slack and b[1] < a[3] - slack
+
+
+def _phone_layout_problems(page: Page, name: str) -> list[str]:
+    """At 390 px: no chart wider than the window or over another, no title, legend or colour bar outside
+    its chart or over another text of it (subplot titles side by side overlapped). Saves a screenshot first."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.mouse.move(5, 5)
+    height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
+    page.set_viewport_size({"width": PHONE["width"], "height": min(int(height), 2 * MAX_SHOT_HEIGHT)})
+    try:
+        page.wait_for_timeout(400)
+        page.screenshot(path=str(SCREENSHOTS / f"phone_{name}.png"))
+    finally:
+        page.set_viewport_size(PHONE)
+    page.wait_for_timeout(400)
+    width, problems = PHONE["width"], []
+    scroll = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollWidth")
+    if scroll > width:
+        problems.append(f"{name}: the page scrolls sideways ({scroll} px wide at {width} px)")
+    boxes = page.evaluate(CHART_BOXES_JS)
+    for index, box in enumerate(boxes):
+        if box[0] < -1 or box[2] > width + 1:
+            problems.append(f"{name}: chart {index} spans {box[0]:.0f}-{box[2]:.0f} px")
+        problems += [f"{name}: charts overlap: {box} and {other}" for other in boxes[index + 1:] if _overlap(box, other)]
+    texts = page.evaluate(TEXT_BOXES_JS)
+    for index, (kind, box, chart) in enumerate(texts):
+        if box[0] < chart[0] - 1 or box[2] > chart[2] + 1:
+            problems.append(f"{name}: a {kind} is cut off: {box} in {chart}")
+        problems += [f"{name}: {kind} and {other_kind} overlap: {box} and {other}"
+                     for other_kind, other, other_chart in texts[index + 1:]
+                     if other_chart == chart and "legend" not in kind + other_kind and _overlap(box, other)]
+    return problems
+
+
+def _open_link(page: Page, url: str, path: str, charts: int, log: Callable[[], str]) -> None:
+    page.goto(f"{url}/{path}?{LINK_QUERY}", wait_until="domcontentloaded")
+    charts_drawn(page, charts, FIRST_CAPTURE_S)
+    settle(page)
+    check_no_errors(page, f"the link to /{path}", log)
+
+
+@pytest.mark.timeout(400)
+def test_a_link_on_a_phone_back_and_the_upload_time(server, page: Page, tmp_path: Path) -> None:
+    """A link opens the same view (no history entry of its own: Back leaves the app), the pages fit a
+    390x844 phone (one map per row, nothing clipped or overlapping), and the time from an upload of a
+    1024x768 photo to its norm maps, with the ViT-S pair warm, is printed and bounded."""
+    from conftest import image_bytes
+    from vitlens.images import gallery_image
+
+    url, log = server
+    page.set_viewport_size(PHONE)
+    _open_link(page, url, "", 2, log)
+    assert page.url.endswith("?" + LINK_QUERY), f"opening the link rewrote it: {page.url}"
+    expect(page.get_by_role("slider", name=OPACITY_SLIDER)).to_have_attribute("aria-valuetext", "0.35")
+    expect(page.get_by_role("slider", name=LAYER_SLIDER)).to_have_attribute("aria-valuetext", "7")
+    expect(page.locator(IMAGE_PICKER)).to_have_value("cat (gallery)")
+    titles = chart_signature(page)
+    assert "layer 7 " in titles and "layer 6 " not in titles and "dinov2_vits14<br>" in titles
+    problems = _phone_layout_problems(page, "norm_maps")
+    page.go_back(wait_until="commit")
+    assert page.url == "about:blank", f"the first Back stayed in the app: {page.url}"
+
+    for path, name, charts in (("attention", "attention", 3), ("histogram", "histogram", 1), ("emergence", "emergence", 1)):
+        _open_link(page, url, path, charts, log)
+        if name == "attention":
+            head = page.locator("[data-testid=stMain] [data-testid=stSelectbox]").filter(has_text="Head").locator("input")
+            expect(head).to_have_value("head 2")
+        problems += _phone_layout_problems(page, name)
+
+    page.set_viewport_size(VIEWPORT)
+    _open_link(page, url, "", 2, log)
+    picture = tmp_path / "holiday.jpg"
+    picture.write_bytes(image_bytes(gallery_image("coffee").image.resize(UPLOAD_SIZE), "JPEG", quality=90))
+    before = chart_signature(page)
+    started = time.monotonic()
+    page.locator(UPLOADER).set_input_files(str(picture))
+    page.wait_for_function("before => " + CHART_SIGNATURE_JS + " !== before && "
+                           "document.querySelectorAll('[data-testid=stMain] .js-plotly-plot .main-svg').length >= 2",
+                           arg=before, timeout=PAGE_S * 1000, polling=50)
+    elapsed = time.monotonic() - started
+    expect(page.locator(IMAGE_PICKER)).to_have_value(f"{picture.name} (upload)")
+    settle(page)
+    check_no_errors(page, "after the timed upload", log)
+    print(f"\nupload of a {UPLOAD_SIZE[0]}x{UPLOAD_SIZE[1]} JPEG to its norm maps (ViT-S/14 pair, 224 px, warm): {elapsed:.2f} s")
+    page.go_back(wait_until="commit")  # the upload was a change of view: Back brings the link's view back
+    expect(page.locator(IMAGE_PICKER)).to_have_value("cat (gallery)", timeout=PAGE_S * 1000)
+    settle(page)
+    assert "upload-" not in page.url and "image=cat" in page.url, page.url
+    assert elapsed < 10, f"the upload took {elapsed:.1f} s to show"
+    assert not problems, "\n".join(problems)

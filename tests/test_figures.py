@@ -2,6 +2,7 @@
 import sys
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 
 from app_fixtures import APP, synthetic_trace
@@ -182,19 +183,19 @@ def test_emergence_names_model_and_statistic_and_ticks_every_decade():
     assert list(axis.ticktext) == ["0.1", "1", "10", "100", "1000"] and list(axis.range) == [-1, 3]
 
 
-def test_cls_attention_figure_shows_masses_in_percent():
+def test_cls_attention_figures_show_masses_in_percent():
     trace = synthetic_trace(outliers={1: [(1, 2)]})  # 15 tokens: cls, 2 registers, 12 patches
     mass = cls_outlier_attention(trace, layer_outliers(trace), head=0)
-    fig = figures.cls_attention_figure([("plain", mass)], layer=2)
-    on_outliers = [t for t in fig.data if t.name == "plain: attention on input outliers"][0]
+    per_block, split = figures.cls_attention_figures([("plain", mass)], layer=2)
+    on_outliers = [t for t in per_block.data if t.name == "plain: attention on input outliers"][0]
     assert np.isnan(on_outliers.y[0])  # block 0: no outlier mask
     assert list(on_outliers.y[1:]) == pytest.approx([0, 100 / 15], abs=1e-4)  # block 2 reads layer 1's outlier
-    baseline = [t for t in fig.data if t.name == "plain: if spread evenly over patches"][0]
+    baseline = [t for t in per_block.data if t.name == "plain: if spread evenly over patches"][0]
     assert baseline.y[2] == pytest.approx(100 / 12 * 12 / 15, abs=1e-4)
-    bars = [t for t in fig.data if t.type == "bar"][0]
+    (bars,) = split.data
     assert list(bars.y) == pytest.approx([100 / 15, 1100 / 15, 300 / 15], abs=1e-3)
-    assert "block l-1 output" in fig.layout.annotations[0].text
-    first = figures.cls_attention_figure([("plain", mass)], layer=0)
+    assert "input outliers" in per_block.layout.title.text and "block 2" in split.layout.title.text
+    _, first = figures.cls_attention_figures([("plain", mass)], layer=0)
     assert np.isnan(first.data[-1].y[:2]).all() and "no outlier split" in first.layout.annotations[-1].text
 
 
@@ -282,3 +283,13 @@ def test_each_role_has_one_colour_and_a_second_model_of_a_role_another():
     regs = NormHistogram("reg4", np.ones(10), None, role=with_)
     assert [b.marker.color for b in figures.histogram_figure([regs, plain]).data if b.type == "bar"] == \
         [figures.ROLE_COLOURS[with_], figures.ROLE_COLOURS[without]]
+
+
+def test_long_legend_entries_are_broken_into_lines_that_fit_a_phone():
+    fig = go.Figure([go.Scatter(name="dinov2_vits14_reg4 (synthetic demo, registers: no planted artifacts)"),
+                     go.Scatter(name="short"), go.Scatter(name="a hidden entry that is long enough to be wrapped", showlegend=False)])
+    figures.narrow_legend(fig)
+    lines = fig.data[0].name.split("<br>")
+    assert len(lines) == 3 and all(len(line) <= figures.LEGEND_CHARS for line in lines)
+    assert " ".join(lines) == "dinov2_vits14_reg4 (synthetic demo, registers: no planted artifacts)"
+    assert fig.data[1].name == "short" and "<br>" not in fig.data[2].name

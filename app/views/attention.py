@@ -39,8 +39,8 @@ if not overlays:
 shared = st.toggle("One colour scale for all maps", key="shared_scale",
                    help="Off: each map runs from its own lowest to its highest value, so a query with weak attention "
                         "still shows where it looks. On: all maps share one scale, so their strengths compare.")
-ui.chart(figures.overlay_grid(overlays, opacity, columns=min(3, len(overlays)), colorbar=overlays[0].colorbar,
-                              width=ui.MAIN_WIDTH, shared_scale=shared, title=overlays[0].colorbar), key="attention-maps")
+ui.map_columns(overlays, opacity, figures.shared_range(overlays, top=0.995) if shared else None, key="attention-map",
+               per_row=min(3, len(overlays)))
 scale = ("One colour scale for all maps (attention is a share of the query's total)" if shared
          else "Each map has its own colour scale, from its lowest to its highest attention (bar beside it)")
 st.caption(" · ".join(f"**{panel.label}**: {panel.num_registers} registers" for panel in view.panels) + f". {scale}.")
@@ -48,8 +48,10 @@ st.caption(" · ".join(f"**{panel.label}**: {panel.num_registers} registers" for
 st.subheader(figures.CLS_INPUT_OUTLIERS)
 measured = [panel for panel in view.panels if panel.cls_mass is not None]
 if measured:
-    ui.chart(figures.cls_attention_figure([(p.label, p.cls_mass) for p in measured], layer, roles=[p.role for p in measured]),
-             key="cls-mass")
+    cls_figures = figures.cls_attention_figures([(p.label, p.cls_mass) for p in measured], layer, roles=[p.role for p in measured])
+    for index, (column, fig) in enumerate(zip(st.columns([3, 2]), cls_figures)):
+        with column:
+            ui.chart(fig, key=f"cls-mass-{index}")
     st.caption("Dotted: what the outliers would get if CLS spread its attention on patches evenly (their share of the "
                "patches times CLS's attention on patches). Far above it, CLS reads the outliers. Block 0 has no "
                "point: its input (patch and position embeddings) has no captured norms, so no outlier mask.")

@@ -62,7 +62,7 @@ with slot.container():
 detail = ui.fetch(image_data.picked_cell, request, layer, threshold, st.session_state.get("picked_point"))
 if detail is not None:
     with st.columns(2)[0]:
-        ui.chart(figures.overlay_figure(detail, 0.5, width=ui.MAIN_WIDTH // 2 - 16), key="embedding-cell")
+        ui.chart(figures.overlay_figure(detail, 0.5, width=ui.MAIN_WIDTH // 2 - 16, stretch=True), key="embedding-cell")
 else:
     st.caption("Hover a point to see its image and cell; click it to show the cell on its image (and ring it in every plot).")
 ui.download_table(views.table, f"embedding_{method}{'_unit' if normalize else ''}_layer{layer}.csv")

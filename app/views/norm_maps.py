@@ -35,10 +35,7 @@ shared = len(maps.overlays) > 1 and st.toggle(
     help="On: the same colour means the same norm in every map, so the models compare at a glance. "
          "Off: each map runs from its own lowest to its highest norm.")
 scale = figures.shared_range(maps.overlays) if shared else None
-width = ui.MAIN_WIDTH // len(maps.overlays) - 16
-for index, (column, overlay) in enumerate(zip(st.columns(len(maps.overlays)), maps.overlays)):
-    with column:
-        ui.chart(figures.overlay_figure(overlay, opacity, width=min(width, 640), scale=scale), key=f"norm-map-{index}")
+ui.map_columns(maps.overlays, opacity, scale, key="norm-map", per_row=len(maps.overlays))
 if post_norm:
     st.info("After the final LayerNorm every token has a similar norm, so the outliers hide: this is why reading "
             "`get_intermediate_layers(norm=True)` shows no artifacts. The layer slider does not apply here.")

@@ -25,9 +25,9 @@ view = ui.fetch(evidence_data.redundancy_view, request, ref, layer, ui.threshold
 for index, (norms, similarity) in enumerate(view.overlays):
     columns = st.columns(2)
     with columns[0]:
-        ui.chart(figures.overlay_figure(norms, 0.6, width=440), key=f"redundancy-norms-{index}")
+        ui.chart(figures.overlay_figure(norms, 0.6, width=440, stretch=True), key=f"redundancy-norms-{index}")
     with columns[1]:
-        ui.chart(figures.overlay_figure(similarity, 0.6, width=440), key=f"redundancy-similarity-{index}")
+        ui.chart(figures.overlay_figure(similarity, 0.6, width=440, stretch=True), key=f"redundancy-similarity-{index}")
 st.subheader(f"Outlier vs normal cells over {len(request.images)} images")
 for index, (label, found) in enumerate(view.results):
     auroc = "n/a (no outliers at this layer)" if found.auroc is None else f"{found.auroc:.3f}"
