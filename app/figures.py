@@ -43,6 +43,7 @@ COLOURBAR_PX = 80  # what a vertical colour bar with tick labels and a title tak
 OWN_BAR_PX = 76  # what a thin per-map colour bar with 9-px tick labels (up to 9 characters) takes beside its map
 LEGEND_ROW_PX = 40  # height added per legend entry below a plot (two lines of a wrapped entry)
 LEGEND_CHARS = 34  # a legend line this long fits beside its symbol in a phone-wide (390 px) chart at plotly's 12-px font
+ANNOTATION_CHARS = 40  # a subplot title (16-px font) this long fits a phone-wide chart
 DOWNLOAD_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
@@ -69,13 +70,24 @@ def model_colours(roles: Sequence[str | None]) -> list[str]:
     return colours
 
 
-def narrow_legend(fig: go.Figure, chars: int = LEGEND_CHARS) -> go.Figure:
-    """Break legend entries longer than ``chars`` characters into lines, so no entry is cut off on a phone."""
+def fit_narrow(fig: go.Figure) -> go.Figure:
+    """Break long legend entries, legend group titles and annotations (subplot titles) into lines, so that
+    a phone-wide chart shows them whole."""
     for trace in fig.data:
-        name = trace.name or ""
-        if trace.showlegend is not False and len(name) > chars and "<br>" not in name:
-            trace.name = "<br>".join(textwrap.wrap(name, chars, break_long_words=False))
+        if trace.showlegend is not False:
+            trace.name = _lines(trace.name, LEGEND_CHARS)
+        if trace.legendgrouptitle.text:
+            trace.legendgrouptitle.text = _lines(trace.legendgrouptitle.text, LEGEND_CHARS)
+    for annotation in fig.layout.annotations:
+        annotation.text = _lines(annotation.text, ANNOTATION_CHARS)
     return fig
+
+
+def _lines(text: str | None, chars: int) -> str | None:
+    """``text`` broken at spaces into lines of at most ``chars`` characters, unless it has its own line breaks."""
+    if not text or len(text) <= chars or "<br>" in text:
+        return text
+    return "<br>".join(textwrap.wrap(text, chars, break_long_words=False))
 
 
 def norm_label(post_norm: bool) -> str:

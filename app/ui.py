@@ -561,11 +561,11 @@ def image_picker(request: data.Request, label: str = "Image") -> str:
 
 def chart(fig: go.Figure, key: str, **kwargs):
     """Draw a figure with the download button configured for the sidebar's format (a figure that
-    sets its own width is drawn that wide, at most the container's width); long legend entries are
-    broken into lines, so a phone shows them whole."""
+    sets its own width is drawn that wide, at most the container's width); long legend entries and
+    subplot titles are broken into lines, so a phone shows them whole."""
     if fig.layout.width is not None:
         kwargs.setdefault("width", "content")
-    figures.narrow_legend(fig)
+    figures.fit_narrow(fig)
     config = dict(figures.DOWNLOAD_CONFIG)
     config["toImageButtonOptions"] = dict(config["toImageButtonOptions"], format=st.session_state.get("figure_format", "png"),
                                           filename=key)

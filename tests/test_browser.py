@@ -504,10 +504,10 @@ OPACITY_SLIDER = "Heat-map opacity"
 UPLOAD_SIZE = (1024, 768)
 CHART_BOXES_JS = """() => [...document.querySelectorAll('[data-testid=stMain] [data-testid=stPlotlyChart]')]
     .map(e => e.getBoundingClientRect()).filter(r => r.width > 0).map(r => [r.left, r.top, r.right, r.bottom])"""
-# Titles, annotations and legends of every chart: their boxes, and the box of the chart that holds them.
+# Titles, x-axis titles, annotations, legends and colour bars of every chart: their boxes, and the chart's box.
 TEXT_BOXES_JS = """() => [...document.querySelectorAll('[data-testid=stMain] .js-plotly-plot')].flatMap(p => {
     const c = p.getBoundingClientRect();
-    return [...p.querySelectorAll('.gtitle, .annotation-text-g, .legend, .colorbar')].map(t => {
+    return [...p.querySelectorAll('.gtitle, .g-xtitle, .annotation-text-g, .legend, .colorbar')].map(t => {
         const r = t.getBoundingClientRect();
         return [t.getAttribute('class'), [r.left, r.top, r.right, r.bottom], [c.left, c.top, c.right, c.bottom]]; }); })"""
 
@@ -518,7 +518,8 @@ def _overlap(a: list[float], b: list[float], slack: float = 1.0) -> bool:
 
 def _phone_layout_problems(page: Page, name: str) -> list[str]:
     """At 390 px: no chart wider than the window or over another, no title, legend or colour bar outside
-    its chart or over another text of it (subplot titles side by side overlapped). Saves a screenshot first."""
+    its chart or over another of them (subplot titles side by side overlapped, legends covered the axis
+    title). Saves a screenshot first."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.mouse.move(5, 5)
     height = page.evaluate("() => document.querySelector('[data-testid=stMain]').scrollHeight")
@@ -544,7 +545,7 @@ def _phone_layout_problems(page: Page, name: str) -> list[str]:
             problems.append(f"{name}: a {kind} is cut off: {box} in {chart}")
         problems += [f"{name}: {kind} and {other_kind} overlap: {box} and {other}"
                      for other_kind, other, other_chart in texts[index + 1:]
-                     if other_chart == chart and "legend" not in kind + other_kind and _overlap(box, other)]
+                     if other_chart == chart and _overlap(box, other)]
     return problems
 
 
@@ -555,14 +556,30 @@ def _open_link(page: Page, url: str, path: str, charts: int, log: Callable[[], s
     check_no_errors(page, f"the link to /{path}", log)
 
 
+def _timed_upload(page: Page, picture: Path, turn: int, log: Callable[[], str]) -> float:
+    """Seconds from handing a 1024x768 JPEG to the uploader to its norm maps drawn."""
+    from conftest import image_bytes
+    from vitlens.images import gallery_image
+
+    picture.write_bytes(image_bytes(gallery_image("coffee").image.rotate(90 * turn).resize(UPLOAD_SIZE), "JPEG", quality=90))
+    before = chart_signature(page)
+    started = time.monotonic()
+    page.locator(UPLOADER).set_input_files(str(picture))
+    page.wait_for_function("before => " + CHART_SIGNATURE_JS + " !== before && "
+                           "document.querySelectorAll('[data-testid=stMain] .js-plotly-plot .main-svg').length >= 2",
+                           arg=before, timeout=PAGE_S * 1000, polling=50)
+    elapsed = time.monotonic() - started
+    expect(page.locator(IMAGE_PICKER)).to_have_value(f"{picture.name} (upload)")
+    settle(page)
+    check_no_errors(page, f"after timed upload {turn}", log)
+    return elapsed
+
+
 @pytest.mark.timeout(400)
 def test_a_link_on_a_phone_back_and_the_upload_time(server, page: Page, tmp_path: Path) -> None:
     """A link opens the same view (no history entry of its own: Back leaves the app), the pages fit a
     390x844 phone (one map per row, nothing clipped or overlapping), and the time from an upload of a
     1024x768 photo to its norm maps, with the ViT-S pair warm, is printed and bounded."""
-    from conftest import image_bytes
-    from vitlens.images import gallery_image
-
     url, log = server
     page.set_viewport_size(PHONE)
     _open_link(page, url, "", 2, log)
@@ -585,22 +602,15 @@ def test_a_link_on_a_phone_back_and_the_upload_time(server, page: Page, tmp_path
 
     page.set_viewport_size(VIEWPORT)
     _open_link(page, url, "", 2, log)
-    picture = tmp_path / "holiday.jpg"
-    picture.write_bytes(image_bytes(gallery_image("coffee").image.resize(UPLOAD_SIZE), "JPEG", quality=90))
-    before = chart_signature(page)
-    started = time.monotonic()
-    page.locator(UPLOADER).set_input_files(str(picture))
-    page.wait_for_function("before => " + CHART_SIGNATURE_JS + " !== before && "
-                           "document.querySelectorAll('[data-testid=stMain] .js-plotly-plot .main-svg').length >= 2",
-                           arg=before, timeout=PAGE_S * 1000, polling=50)
-    elapsed = time.monotonic() - started
-    expect(page.locator(IMAGE_PICKER)).to_have_value(f"{picture.name} (upload)")
-    settle(page)
-    check_no_errors(page, "after the timed upload", log)
-    print(f"\nupload of a {UPLOAD_SIZE[0]}x{UPLOAD_SIZE[1]} JPEG to its norm maps (ViT-S/14 pair, 224 px, warm): {elapsed:.2f} s")
-    page.go_back(wait_until="commit")  # the upload was a change of view: Back brings the link's view back
+    times = [_timed_upload(page, tmp_path / f"holiday_{turn}.jpg", turn, log) for turn in range(3)]
+    print(f"\nupload of a {UPLOAD_SIZE[0]}x{UPLOAD_SIZE[1]} JPEG to its norm maps (ViT-S/14 pair, 224 px, warm): "
+          f"{', '.join(f'{t:.2f}' for t in times)} s; median {sorted(times)[1]:.2f} s "
+          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    for _ in times:  # each upload was a change of view: Back goes through them to the link's view
+        page.go_back(wait_until="commit")
+        settle(page)
     expect(page.locator(IMAGE_PICKER)).to_have_value("cat (gallery)", timeout=PAGE_S * 1000)
     settle(page)
     assert "upload-" not in page.url and "image=cat" in page.url, page.url
-    assert elapsed < 10, f"the upload took {elapsed:.1f} s to show"
+    assert sorted(times)[1] < 10, f"an upload took {sorted(times)[1]:.1f} s to show (median)"
     assert not problems, "\n".join(problems)

@@ -285,11 +285,14 @@ def test_each_role_has_one_colour_and_a_second_model_of_a_role_another():
         [figures.ROLE_COLOURS[with_], figures.ROLE_COLOURS[without]]
 
 
-def test_long_legend_entries_are_broken_into_lines_that_fit_a_phone():
-    fig = go.Figure([go.Scatter(name="dinov2_vits14_reg4 (synthetic demo, registers: no planted artifacts)"),
-                     go.Scatter(name="short"), go.Scatter(name="a hidden entry that is long enough to be wrapped", showlegend=False)])
-    figures.narrow_legend(fig)
+def test_long_legend_entries_and_subplot_titles_are_broken_into_lines_that_fit_a_phone():
+    label = "dinov2_vits14_reg4 (synthetic demo, registers: no planted artifacts)"
+    fig = go.Figure([go.Scatter(name=label), go.Scatter(name="short", legendgrouptitle=dict(text=label)),
+                     go.Scatter(name="a hidden entry that is long enough to be wrapped", showlegend=False)])
+    fig.add_annotation(text="token norms per layer (pre-final-norm, log scale)")
+    figures.fit_narrow(fig)
     lines = fig.data[0].name.split("<br>")
-    assert len(lines) == 3 and all(len(line) <= figures.LEGEND_CHARS for line in lines)
-    assert " ".join(lines) == "dinov2_vits14_reg4 (synthetic demo, registers: no planted artifacts)"
-    assert fig.data[1].name == "short" and "<br>" not in fig.data[2].name
+    assert len(lines) == 3 and all(len(line) <= figures.LEGEND_CHARS for line in lines) and " ".join(lines) == label
+    assert fig.data[1].name == "short" and fig.data[1].legendgrouptitle.text == fig.data[0].name
+    assert "<br>" not in fig.data[2].name
+    assert fig.layout.annotations[0].text == "token norms per layer (pre-final-norm,<br>log scale)"
