@@ -297,7 +297,8 @@ def test_emergence_marks_the_planted_layer(weights_dir):
     _ok(at)
     figure = _figures(at)[0]
     assert any(f"first outliers: layer {PLANTED_LAYER}" in a.get("text", "") for a in figure["layout"]["annotations"])
-    lines = {f"{trace['legendgrouptitle']['text']}: {trace['name']}": _array(trace["y"]) for trace in figure["data"]}
+    lines = {f"{trace['legendgrouptitle']['text']}: {trace['name']}".replace("<br>", " "): _array(trace["y"])
+             for trace in figure["data"]}  # long legend titles are wrapped (phone width)
     plain, registers = (f"{TINY} (tiny_planted.safetensors)", f"{TINY_REG} (tiny_reg4.safetensors)")
     assert f"{plain}: CLS norm" in lines and f"{plain}: mean register norm" not in lines
     assert len(lines[f"{registers}: mean register norm"]) == 6 and len(lines[f"{registers}: CLS norm"]) == 6
