@@ -42,6 +42,7 @@ IMAGE_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "cross", "triangl
 COLOURBAR_PX = 80  # what a vertical colour bar with tick labels and a title takes beside the plot
 OWN_BAR_PX = 76  # what a thin per-map colour bar with 9-px tick labels (up to 9 characters) takes beside its map
 LEGEND_ROW_PX = 40  # height added per legend entry below a plot (two lines of a wrapped entry)
+LEGEND_LINE_PX = 16  # height added per one-line legend entry below a plot
 LEGEND_CHARS = 34  # a legend line this long fits beside its symbol in a phone-wide (390 px) chart at plotly's 12-px font
 ANNOTATION_CHARS = 40  # a subplot title (16-px font) this long fits a phone-wide chart
 DOWNLOAD_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
@@ -458,7 +459,7 @@ def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 660) -> go.
     """Outlier share (top) and per-layer norms (bottom, log, ticks at every decade): max and median
     patch norm, CLS norm and mean register norm; first outlier layer marked. Legend entries say
     the statistic under a title naming the model (colour: model; line style: statistic), below the plot."""
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.4, 0.6],
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, row_heights=[0.4, 0.6],
                         subplot_titles=("outlier share of patch tokens",
                                         "token norms per layer (pre-final-norm, log scale)"))
     for index, (curve, colour) in enumerate(zip(curves, model_colours([c.role for c in curves]))):
@@ -487,8 +488,9 @@ def emergence_figure(curves: Sequence[EmergenceCurve], height: int = 660) -> go.
                      range=[np.log10(tickvals[0]), np.log10(tickvals[-1])], showgrid=True,
                      minor=dict(ticks="outside", ticklen=4, showgrid=True, gridcolor="rgba(0,0,0,0.06)", dtick="D1"),
                      row=2, col=1)
-    fig.update_layout(height=height, margin=dict(l=60, r=10, t=40, b=50),
+    fig.update_layout(height=height + LEGEND_LINE_PX * len(fig.data), margin=dict(l=60, r=10, t=40, b=50),
                       legend=dict(orientation="h", y=-0.13, yanchor="top", x=0, groupclick="toggleitem"))
+    # taller with each legend entry: on a phone the legend is one entry a line and would squeeze the plots
     return fig
 
 
@@ -523,7 +525,7 @@ def cls_attention_figures(items: Sequence[tuple[str, ClsOutlierAttention]], laye
     per_block.update_yaxes(title_text="% of CLS attention", rangemode="tozero")
     per_block.update_layout(title=dict(text="On the block's input outliers", font_size=14),
                             height=height + LEGEND_ROW_PX * len(items), margin=dict(l=60, r=10, t=40, b=50),
-                            legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
+                            legend=dict(orientation="h", yanchor="top", y=-0.3, x=0))
     split.update_yaxes(title_text="% of CLS attention", range=[0, 110])
     split.update_layout(title=dict(text=f"Where it goes in block {layer}", font_size=14), barmode="group",
                         height=height, margin=dict(l=60, r=10, t=40, b=50))
