@@ -755,21 +755,27 @@ def test_hosted_cancel_button_cancels_the_job_on_the_worker_queue(tmp_path, monk
     assert queue.wanted([status.job_id], "w1") == set()  # so the worker stops after its current batch
 
 
+def _model_of(label: str) -> str:
+    """The model's name in a legend entry ("name (weights)", wrapped into lines on long labels)."""
+    return label.replace("<br>", " ").split(" (")[0]
+
+
 def _model_colours(at: AppTest) -> dict[str, dict[str, str]]:
     """Per page, each model's colour (by name) as its figures draw it: titles of maps, lines and bars of plots."""
     seen = {}
     at.switch_page("views/norm_maps.py").run()
     seen["norm maps"] = {_title(f).split("<br>")[0]: f["layout"]["title"]["font"]["color"] for f in _figures(at)}
     at.switch_page("views/histogram.py").run()
-    seen["histogram"] = {t["name"].split(" (")[0]: t["marker"]["color"] for t in _figures(at)[0]["data"] if t["type"] == "bar"}
+    seen["histogram"] = {_model_of(t["name"]): t["marker"]["color"] for t in _figures(at)[0]["data"] if t["type"] == "bar"}
     at.switch_page("views/emergence.py").run()
     seen["emergence"] = {t["legendgroup"].split(" (")[0]: t["line"]["color"] for t in _figures(at)[0]["data"]
                          if t["name"] == "outlier share"}
     at.switch_page("views/attention.py").run()
-    maps, cls_mass = _figures(at)[:2]
-    seen["attention maps"] = {a["text"].split(":")[0]: a["font"]["color"] for a in maps["layout"]["annotations"]
-                              if ": <b>" in a["text"]}
-    seen["CLS attention"] = {t["name"].split(" (")[0]: t["marker"]["color"] for t in cls_mass["data"] if t["type"] == "bar"}
+    drawn = _figures(at)
+    seen["attention maps"] = {_title(f).split("<sup>")[1].split("</sup>")[0]: f["layout"]["title"]["font"]["color"]
+                              for f in drawn if "on patches)" in f["layout"].get("title", {}).get("text", "")}
+    split = next(f for f in drawn if f["layout"].get("title", {}).get("text", "").startswith("Where it goes"))
+    seen["CLS attention"] = {_model_of(t["name"]): t["marker"]["color"] for t in split["data"] if t["type"] == "bar"}
     return seen
 
 
