@@ -152,6 +152,13 @@ class WorkerJob:
     def fraction(self) -> float | None:
         return min(1.0, self.done / self.total) if self.total else None
 
+    def wait(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the job to end, looking every 0.1 s; whether it has."""
+        deadline = time.monotonic() + timeout
+        while not self.finished and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.finished
+
     def touch(self) -> None:
         """Nothing to keep alive: the worker runs the job until it ends or is cancelled."""
 
