@@ -255,9 +255,9 @@ def overlay_grid(overlays: Sequence[Overlay], opacity: float = 0.6, columns: int
     cell_width = (plot_width - gap * (columns - 1)) / columns
     cell_height = grid_plot_height(grid, cell_width)
     plot_height = rows * cell_height + (rows - 1) * row_gap
-    fig = make_subplots(rows=rows, cols=columns, subplot_titles=[o.title for o in overlays],
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=[o.title.replace(" · ", "<br>") for o in overlays],
                         horizontal_spacing=gap / plot_width, vertical_spacing=row_gap / plot_height if rows > 1 else 0.0)
-    fig.update_annotations(font_size=13)
+    fig.update_annotations(font_size=11)  # two short lines: three or four titles side by side fit a phone
     for annotation, overlay in zip(fig.layout.annotations, overlays):  # the subplot titles, in the models' colours
         annotation.font.color = overlay.colour
     for index, overlay in enumerate(overlays):

@@ -353,7 +353,7 @@ def test_attention_heads_grid_shows_every_head_and_a_patchs_row_and_column(weigh
     assert at.selectbox(key="heads_query").value == "cls"
     plain, registers = [f for f in _figures(at) if "what cls attends to" in f["layout"].get("title", {}).get("text", "")]
     heads = [a["text"] for a in plain["layout"]["annotations"] if a["text"].startswith("head")]
-    assert [text.split(" · ")[0] for text in heads] == [f"head {h}" for h in range(4)]  # the tiny models' 4 heads
+    assert [text.split("<br>")[0] for text in heads] == [f"head {h}" for h in range(4)]  # the tiny models' 4 heads
     assert all(text.endswith("% on patches") for text in heads) and TINY in _title(plain)
     at.selectbox(key="heads_query").set_value("reg2").run()
     _ok(at)
