@@ -253,6 +253,7 @@ def attention(request: Request, ref: str, layer: int, head: int | None, threshol
     result = captured(request)
     index = request.images.index(ref)
     panels, rows = [], []
+    compared_with_registers = any(run.num_registers for run in result.runs)
     for run, colour in zip(result.runs, result.colours):
         trace = run.traces[index]
         check_layer(layer, trace.num_layers)
@@ -268,7 +269,8 @@ def attention(request: Request, ref: str, layer: int, head: int | None, threshol
                     for maps, mask, _ in queries for i, name in enumerate(maps.names)]
         mass = cls_outlier_attention(trace, found, head) if trace.layout.cls_index is not None else None
         panels.append(AttentionPanel(label=run.short, overlays=overlays, num_registers=run.num_registers, cls_mass=mass,
-                                     note=_queries_note(run.name, trace), role=run.role))
+                                     note=_queries_note(run.name, trace, compared_with_registers),
+                                     role=run.role))
         rows += [[run.name, image_name(ref), maps.layer, text, name, r, c, float(v)]
                  for maps, _, text in queries for i, name in enumerate(maps.names) for (r, c), v in np.ndenumerate(maps.maps[i])]
     table = Table(["model", "image", "layer", "head", "query", "row", "col", "attention"], rows)
@@ -366,8 +368,9 @@ def _pool_heads(trace: Trace) -> int:
     return 0 if trace.pool_attention is None else trace.pool_attention.shape[0]
 
 
-def _queries_note(name: str, trace: Trace) -> str | None:
-    """What there is to see for a model without the usual CLS-and-registers prefix; None when it has them."""
+def _queries_note(name: str, trace: Trace, compared_with_registers: bool) -> str | None:
+    """What there is to see for a model without the usual CLS-and-registers prefix; None when it has them
+    (a model with registers is suggested unless one is already on the page)."""
     layout, pool = trace.layout, trace.pool_attention is not None
     pool_text = (" Its attention-pool head's query (what the model pools the image with, reading the last block's "
                  "output) is shown instead, with the last block's outliers outlined.")
@@ -377,7 +380,8 @@ def _queries_note(name: str, trace: Trace) -> str | None:
     if layout.num_registers == 0:
         return (f"{name} has no register tokens, so only CLS attention is shown"
                 + (" with its attention-pool query." if pool else ".")
-                + " Choose a model with registers (for example dinov2_vits14_reg4) to see what registers attend to.")
+                + ("" if compared_with_registers else
+                   " Choose a model with registers (for example dinov2_vits14_reg4) to see what registers attend to."))
     return None
 
 

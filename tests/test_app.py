@@ -395,8 +395,16 @@ def test_a_model_without_registers_in_the_attention_view_says_so(weights_dir):
     at = _app(model=TINY, weights="random", compare="0", side=str(TINY_SIDE), images="cat").run()
     at.switch_page("views/attention.py").run()
     _ok(at)
-    assert "has no register tokens" in at.info[0].value
+    assert "has no register tokens" in at.info[0].value and "Choose a model with registers" in at.info[0].value
     assert len(_attention_maps(at)[0]) == 1  # CLS only
+
+
+def test_beside_a_model_with_registers_the_attention_view_suggests_none(weights_dir):
+    at = _app(model=TINY, weights="random", compare="1", side=str(TINY_SIDE), images="cat").run()
+    at.switch_page("views/attention.py").run()
+    _ok(at)
+    notes = " ".join(info.value for info in at.info)
+    assert "has no register tokens" in notes and "Choose a model with registers" not in notes
 
 
 def test_embedding_shows_both_models_side_by_side_and_a_picked_cell(weights_dir):
