@@ -203,13 +203,15 @@ def _tail_size(count: int) -> int:
 
 
 def _tail_split(log_norms: np.ndarray, dropped: int) -> ThresholdDecision:
+    """The decision of the tail rule (module doc, steps 2-3) for one set of decreasing, finite log norms."""
     count = log_norms.size
     needed = ALPHA / effective_tests(count)
     splits = _significance(log_norms[None])
-    if not splits.k.size:
+    if not splits.k.size:  # no visible split: report the widest gap of the top half
         gaps = log_norms[:count // 2] - log_norms[1:count // 2 + 1]
         widest = int(np.argmax(gaps)) + 1
-        return _tail_decision(log_norms, widest, None, needed, False, float(_bulk_medians(log_norms[None], 0, widest)), dropped)
+        bulk_median = float(_bulk_medians(log_norms[None], 0, widest))
+        return _tail_decision(log_norms, widest, None, needed, False, bulk_median, dropped)
     passed = splits.p_values < needed
     best = int(np.argmax(np.where(passed, splits.gaps, -np.inf))) if passed.any() else int(np.argmin(splits.p_values))
     return _tail_decision(log_norms, int(splits.k[best]), float(splits.p_values[best]), needed, True,
@@ -240,7 +242,7 @@ def _significance(log_norms: np.ndarray) -> _Splits:
     rows, k, bulk_median = rows[visible], k[visible], bulk_median[visible]
     gaps = all_gaps[rows, k - 1]
     ranks = k[:, None] + np.arange(1, tail + 1)  # [split, M]
-    spacings = ranks * (log_norms[rows[:, None], ranks - 1] - log_norms[rows[:, None], ranks])  # D_i = i (y_i - y_(i+1))
+    spacings = ranks * (log_norms[rows[:, None], ranks - 1] - log_norms[rows[:, None], ranks])  # D_i=i(y_i-y_(i+1))
     scale = np.maximum(spacings.mean(axis=1), MIN_TAIL_SCALE)  # mu_k: Hill estimate of the tail scale
     sums = log_norms[:, :count // 2 + 1].cumsum(axis=1)
     height = (sums[rows, k - 1] / k - log_norms[rows, k]) / scale  # H_k / mu_k ~ F(2k, 2M)
