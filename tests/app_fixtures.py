@@ -104,6 +104,20 @@ def planted_weights(path: Path, name: str, cells, layer: int) -> Path:
     return path
 
 
+def tiny_pair_weights(folder: Path, cells, layer: int) -> Path:
+    """``folder`` with the planted tiny model (``tiny_planted.safetensors``) and a clean twin with
+    registers (``tiny_reg4.safetensors``): the app's weights folder in tests."""
+    from safetensors.torch import save_file
+
+    from vitlens.models import load_model
+
+    folder.mkdir(exist_ok=True)
+    planted_weights(folder / "tiny_planted.safetensors", TINY, cells, layer)
+    clean = load_model(TINY_REG, "random").model
+    save_file({key: value.contiguous() for key, value in clean.state_dict().items()}, str(folder / "tiny_reg4.safetensors"))
+    return folder
+
+
 def png_bytes(width: int = TINY_SIDE, height: int = TINY_SIDE, seed: int = 0) -> bytes:
     """A smooth colourful PNG (conftest.photo)."""
     from conftest import image_bytes, photo

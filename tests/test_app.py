@@ -9,12 +9,10 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
-from app_fixtures import APP, TINY, TINY_GAP, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models
+from app_fixtures import APP, TINY, TINY_GAP, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models, tiny_pair_weights
 from conftest import PLANTED_CELLS, PLANTED_LAYER, rewrite_keeping_size_and_times
-from vitlens.models import load_model
 from vitlens.synthetic import DEMO_CELLS, demo_cells
 
 TIMEOUT = 180
@@ -27,11 +25,7 @@ TITLES = ["Norm maps", "Norm histogram", "Layer emergence", "Attention", "Token 
 def weights_dir(tmp_path, monkeypatch):
     """A weights folder with the planted tiny model and a clean tiny model with registers."""
     register_tiny_models()
-    folder = tmp_path / "weights"
-    folder.mkdir()
-    planted_weights(folder / "tiny_planted.safetensors", TINY, PLANTED_CELLS, PLANTED_LAYER)
-    clean = load_model(TINY_REG, "random").model
-    save_file({key: value.contiguous() for key, value in clean.state_dict().items()}, str(folder / "tiny_reg4.safetensors"))
+    folder = tiny_pair_weights(tmp_path / "weights", PLANTED_CELLS, PLANTED_LAYER)
     monkeypatch.setenv("VITLENS_WEIGHTS_DIR", str(folder))
     return folder
 

@@ -2,13 +2,11 @@
 import json
 
 import pytest
-from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
-from app_fixtures import APP, TINY, TINY_REG, TINY_SIDE, planted_weights, png_bytes, register_tiny_models
+from app_fixtures import APP, TINY, TINY_SIDE, png_bytes, register_tiny_models, tiny_pair_weights
 from conftest import PLANTED_CELLS, PLANTED_LAYER
 from population_fixtures import TRAIN_EMERGES, TRAIN_STEPS, training_results
-from vitlens.models import load_model
 
 TIMEOUT = 180
 
@@ -17,11 +15,7 @@ TIMEOUT = 180
 def app(tmp_path, monkeypatch) -> AppTest:
     """The tiny planted pair (outliers at PLANTED_CELLS from block 3) on two square uploads."""
     register_tiny_models()
-    folder = tmp_path / "weights"
-    folder.mkdir()
-    planted_weights(folder / "tiny_planted.safetensors", TINY, PLANTED_CELLS, PLANTED_LAYER)
-    clean = load_model(TINY_REG, "random").model
-    save_file({key: value.contiguous() for key, value in clean.state_dict().items()}, str(folder / "tiny_reg4.safetensors"))
+    folder = tiny_pair_weights(tmp_path / "weights", PLANTED_CELLS, PLANTED_LAYER)
     monkeypatch.setenv("VITLENS_WEIGHTS_DIR", str(folder))
     at = AppTest.from_file(str(APP / "main.py"), default_timeout=TIMEOUT)
     at.query_params.update(dict(model=TINY, weights="file:tiny_planted.safetensors", pair_weights="file:tiny_reg4.safetensors",
